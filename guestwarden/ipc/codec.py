@@ -1,0 +1,55 @@
+"""The one Encoder and the typed Decoders of the protocol, created once.
+
+A frame that fails to decode raises ``DecodeError``; callers answer it with an
+``Error`` reply (control) or log and drop it (workers). Nothing undecoded ever
+reaches the dispatcher.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+
+from guestwarden.ipc.messages import FromWorker, Reply, Request, ToWorker
+
+ENCODER = msgspec.msgpack.Encoder()
+TO_WORKER = msgspec.msgpack.Decoder(ToWorker)  # type: ignore[arg-type]
+FROM_WORKER = msgspec.msgpack.Decoder(FromWorker)  # type: ignore[arg-type]
+REQUEST = msgspec.msgpack.Decoder(Request)  # type: ignore[arg-type]
+REPLY = msgspec.msgpack.Decoder(Reply)  # type: ignore[arg-type]
+
+JSON_ENCODER = msgspec.json.Encoder()
+
+_T = TypeVar("_T")
+
+
+class DecodeError(ValueError):
+    """A frame that is not a valid message of the expected union."""
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return ENCODER.encode(message)
+
+
+def decode_to_worker(frame: bytes) -> ToWorker:
+    return _decode(TO_WORKER, frame)
+
+
+def decode_from_worker(frame: bytes) -> FromWorker:
+    return _decode(FROM_WORKER, frame)
+
+
+def decode_request(frame: bytes) -> Request:
+    return _decode(REQUEST, frame)
+
+
+def decode_reply(frame: bytes) -> Reply:
+    return _decode(REPLY, frame)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[_T], frame: bytes) -> _T:
+    try:
+        return decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(str(exc)) from exc
