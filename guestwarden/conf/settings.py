@@ -48,8 +48,8 @@ class ShutdownSettings(_Section, frozen=True, kw_only=True):
                 )
         if "save" in self.transient:
             raise ValueError(
-                'transient: "save" is not possible for transient guests (libvirt keeps no managed-save '
-                "image for them)"
+                'transient: "save" is not possible for transient guests '
+                "(libvirt keeps no managed-save image for them)"
             )
 
 

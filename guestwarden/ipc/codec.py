@@ -7,17 +7,17 @@ reaches the dispatcher.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import msgspec
 
 from guestwarden.ipc.messages import FromWorker, Reply, Request, ToWorker
 
 ENCODER = msgspec.msgpack.Encoder()
-TO_WORKER = msgspec.msgpack.Decoder(ToWorker)  # type: ignore[arg-type]
-FROM_WORKER = msgspec.msgpack.Decoder(FromWorker)  # type: ignore[arg-type]
-REQUEST = msgspec.msgpack.Decoder(Request)  # type: ignore[arg-type]
-REPLY = msgspec.msgpack.Decoder(Reply)  # type: ignore[arg-type]
+TO_WORKER = msgspec.msgpack.Decoder(ToWorker)
+FROM_WORKER = msgspec.msgpack.Decoder(FromWorker)
+REQUEST = msgspec.msgpack.Decoder(Request)
+REPLY = msgspec.msgpack.Decoder(Reply)
 
 JSON_ENCODER = msgspec.json.Encoder()
 
@@ -33,19 +33,19 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def decode_to_worker(frame: bytes) -> ToWorker:
-    return _decode(TO_WORKER, frame)
+    return cast(ToWorker, _decode(TO_WORKER, frame))
 
 
 def decode_from_worker(frame: bytes) -> FromWorker:
-    return _decode(FROM_WORKER, frame)
+    return cast(FromWorker, _decode(FROM_WORKER, frame))
 
 
 def decode_request(frame: bytes) -> Request:
-    return _decode(REQUEST, frame)
+    return cast(Request, _decode(REQUEST, frame))
 
 
 def decode_reply(frame: bytes) -> Reply:
-    return _decode(REPLY, frame)
+    return cast(Reply, _decode(REPLY, frame))
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[_T], frame: bytes) -> _T:

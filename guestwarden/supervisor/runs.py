@@ -1,0 +1,114 @@
+"""What a preserve or restore run shares: its record of guests, its journal writes.
+
+A run keeps one ``GuestOutcome`` per guest and replaces it (the Structs are frozen)
+as the guest moves through its actions. The journal is written when the guests are
+known, at most every ``JOURNAL_INTERVAL_S`` while the run goes on, and at the end,
+always before the run reports that it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+import msgspec
+
+from guestwarden.ipc.messages import GuestOutcome, Job, JobDone, JobFailed, JobKind, RunStatus
+
+log = logging.getLogger(__name__)
+
+JOURNAL_INTERVAL_S = 0.5
+
+
+class JobService(Protocol):
+    """How a run gets work done: the supervisor's dispatcher behind it."""
+
+    def new_job(self, kind: JobKind, uri: str, **fields: object) -> Job: ...
+
+    async def run(self, job: Job) -> JobDone | JobFailed: ...
+
+
+def new_run_id(kind: str) -> str:
+    return f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class Run:
+    """The record of one run; subclasses do the work in ``execute``."""
+
+    kind: Literal["preserve", "restore"]
+
+    def __init__(self, jobs: JobService, wall_clock: Callable[[], float] = time.time) -> None:
+        self.jobs = jobs
+        self.wall_clock = wall_clock
+        self.run_id = new_run_id(self.kind)
+        self.started_at = wall_clock()
+        self.finished_at: float | None = None
+        self.ok: bool | None = None
+        self.detail = ""
+        self.guests: dict[str, GuestOutcome] = {}
+        self._dirty = False
+        self.finished = asyncio.Event()
+
+    def status(self) -> RunStatus:
+        return RunStatus(
+            run_id=self.run_id,
+            kind=self.kind,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            ok=self.ok,
+            detail=self.detail,
+            guests=tuple(self.guests.values()),
+        )
+
+    def update(self, key: str, **changes: object) -> GuestOutcome:
+        record = msgspec.structs.replace(self.guests[key], **changes)
+        self.guests[key] = record
+        self._dirty = True
+        return record
+
+    def counts(self) -> tuple[int, int]:
+        """(finished, total) guests that this run acts on."""
+        acting = [g for g in self.guests.values() if g.chain]
+        return sum(1 for g in acting if g.finished), len(acting)
+
+    def write_journal(self) -> None:
+        raise NotImplementedError
+
+    async def execute(self) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> RunStatus:
+        flusher = asyncio.create_task(self._flush_periodically())
+        try:
+            await self.execute()
+        except Exception as exc:  # the record must say so; the daemon must live on
+            log.exception("%s run %s failed", self.kind, self.run_id)
+            self.ok = False
+            self.detail = f"internal error: {exc!r}"
+        finally:
+            flusher.cancel()
+            self.finished_at = self.wall_clock()
+            if self.ok is None:
+                self.ok = False
+                self.detail = self.detail or "cancelled"
+            self.write_journal()
+            self.finished.set()
+        log.info("%s run=%s finished ok=%s %s", self.kind, self.run_id, self.ok, self.detail)
+        return self.status()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(JOURNAL_INTERVAL_S)
+            if self._dirty:
+                self._dirty = False
+                self.write_journal()
+
+
+def describe_result(result: JobDone | JobFailed) -> str:
+    if isinstance(result, JobDone):
+        return result.result
+    return f"failed ({result.reason})"
