@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBS := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils \
         libvirt-dev pkg-config tini gcc python3-venv python3-dev python3-gi python3-dbus \
-        dbus-daemon rpm busybox-static cpio
+        dbus-daemon rpm python3-rpm systemd libmagic1 git
 GUESTS ?= test
 PYTEST_ARGS ?=
 
