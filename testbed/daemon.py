@@ -147,7 +147,6 @@ class GuestwardenDaemon:
         """SIGTERM, then SIGKILL; also kills worker processes that outlived it."""
         if self.process is None:
             return None
-        children = self.worker_pids()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -155,7 +154,7 @@ class GuestwardenDaemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5.0)
-        for pid in children:
+        for pid in self.worker_pids():  # none, unless something went wrong
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
         if self._log is not None:
@@ -185,12 +184,18 @@ class GuestwardenDaemon:
         return self.process.pid
 
     def worker_pids(self) -> list[int]:
-        if self.process is None:
-            return []
-        try:
-            return [c.pid for c in psutil.Process(self.process.pid).children()]
-        except psutil.Error:
-            return []
+        """Every worker of this daemon, also orphans of a killed supervisor.
+
+        Found by the worker endpoint in their command line, which names this
+        daemon's runtime_dir and nobody else's.
+        """
+        endpoint = f"ipc://{self.runtime_dir}/workers.sock"
+        pids = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if "guestwarden.workers" in cmdline and endpoint in cmdline:
+                pids.append(proc.pid)
+        return pids
 
     def request(self, request: Request, timeout_s: float | None = None) -> Reply:
         return self.client.request(request, timeout_s)

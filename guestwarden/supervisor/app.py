@@ -60,6 +60,7 @@ from guestwarden.supervisor.monitor import Monitor
 from guestwarden.supervisor.plan import plan_preserve
 from guestwarden.supervisor.pool import WorkerPool
 from guestwarden.supervisor.preserve import PreserveRun, take_inventory
+from guestwarden.supervisor.recovery import close_interrupted
 from guestwarden.supervisor.restore import RestoreRun
 from guestwarden.supervisor.runs import Run
 
@@ -159,7 +160,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         try:
-            self.journal_data = self.journal.load()
+            self.journal_data = self._recover_journal()
             worker_sock = self.runtime_dir / WORKER_SOCKET
             worker_sock.unlink(missing_ok=True)
             with private_umask():
@@ -179,6 +180,15 @@ class Supervisor:
         finally:
             await self._shutdown()
             os.close(lock_fd)
+
+    def _recover_journal(self) -> JournalData:
+        """Load the journal; close runs a dead supervisor left open (see recovery.py)."""
+        data = self.journal.load()
+        closed, notes = close_interrupted(data, time.time())
+        if notes:
+            self.journal.notes.extend(notes)
+            self.journal.save(closed)
+        return closed
 
     async def _wait_for_workers(self) -> None:
         deadline = self.clock() + WORKER_READY_TIMEOUT_S

@@ -18,6 +18,7 @@ from guestwarden.conf.settings import Settings
 from guestwarden.ipc.messages import ActionName, GuestInfo, GuestOutcome, JobDone, JobFailed
 from guestwarden.supervisor.journal import Journal, JournalData, guest_key
 from guestwarden.supervisor.plan import ActionBounds, action_timeout_s, chain_for
+from guestwarden.supervisor.recovery import remembered
 from guestwarden.supervisor.runs import JobService, Run, describe_result
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,16 @@ class PreserveRun(Run):
 
     async def execute(self) -> None:
         guests, errors = await take_inventory(self.jobs, self.settings)
+        earlier = self.journal_data()
         for guest in guests:
-            self.guests[guest_key(guest.uri, guest.uuid)] = GuestOutcome(
-                uri=guest.uri, uuid=guest.uuid, name=guest.name, persistent=guest.persistent,
-                state_before=guest.state, chain=chain_for(guest, self.settings),
-                outcome="pending",
-            )
+            self.guests[guest_key(guest.uri, guest.uuid)] = remembered(earlier, guest) or (
+                GuestOutcome(
+                    uri=guest.uri, uuid=guest.uuid, name=guest.name,
+                    persistent=guest.persistent, state_before=guest.state,
+                    chain=chain_for(guest, self.settings), outcome="pending",
+                ))
         for key, record in self.guests.items():
-            if not record.chain:
+            if not record.chain and not record.finished:
                 self.update(key, outcome="untouched", ok=True, finished=True,
                             detail=f"was {record.state_before}")
         self.write_journal()

@@ -22,10 +22,11 @@ from guestwarden.supervisor.runs import JobService, Run
 
 log = logging.getLogger(__name__)
 
-RESTORABLE_OUTCOMES = frozenset({"saved", "shutdown", "poweroff", "off", "pending", "failed"})
-"""Preserve outcomes after which a guest that was active is started again. ``pending``
-and ``failed`` are there because start is idempotent: a guest still running is left
-as it is, and one that a crashed preserve did stop is brought back."""
+RESTORABLE_OUTCOMES = frozenset(
+    {"saved", "shutdown", "poweroff", "off", "pending", "interrupted", "failed"})
+"""Preserve outcomes after which a guest that was active is started again. ``pending``,
+``interrupted`` and ``failed`` are there because start is idempotent: a guest still
+running is left as it is, and one that a crashed preserve did stop is brought back."""
 
 
 class StartPacer:

@@ -13,40 +13,15 @@ import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import libvirt
-import pytest
 
 from guestwarden.ipc.messages import Preserve, RunReply, Status
 from testbed.daemon import GuestwardenDaemon, run_cli, wait_for, write_config
 from testbed.guests import define_guests
-from testbed.libvirtd import IsolatedLibvirtd
-
-DaemonFactory = Callable[..., GuestwardenDaemon]
-
-
-@pytest.fixture
-def make_daemon(libvirtd: IsolatedLibvirtd) -> Iterator[DaemonFactory]:
-    """Daemons on short paths (ipc:// paths are limited to ~107 bytes), stopped by pid."""
-    made: list[GuestwardenDaemon] = []
-    dirs: list[Path] = []
-
-    def factory(base: Path | None = None, **kwargs: Any) -> GuestwardenDaemon:
-        if base is None:
-            base = Path(tempfile.mkdtemp(prefix="gwd-", dir="/tmp"))
-            dirs.append(base)
-        daemon = GuestwardenDaemon(base, [libvirtd.test_uri], **kwargs)
-        made.append(daemon)
-        return daemon
-
-    yield factory
-    for daemon in made:
-        daemon.stop()
-    for base in dirs:
-        shutil.rmtree(base, ignore_errors=True)
+from tests.integration.conftest import DaemonFactory
 
 
 def states(conn: Any) -> dict[str, str]:
