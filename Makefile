@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBS := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils \
         libvirt-dev pkg-config tini gcc python3-venv python3-dev python3-gi python3-dbus \
-        dbus-daemon rpm python3-rpm systemd libmagic1 git
+        dbus-daemon rpm python3-rpm systemd libmagic1 git tmux groff-base man-db
 GUESTS ?= test
 PYTEST_ARGS ?=
+MINUTES ?= 5
 
-.PHONY: deps venv test lint demo bench clean
+.PHONY: deps venv test lint demo soak bench clean
 
 # System packages (Debian's apt) and the unprivileged accounts the tests use.
 deps: .deps-stamp
@@ -41,6 +42,9 @@ test: venv
 
 demo: venv
 	$(PY) -m testbed.demo --guests $(GUESTS)
+
+soak: venv
+	$(PY) -m testbed.soak --minutes $(MINUTES)
 
 bench: venv
 	$(PY) -m bench.run

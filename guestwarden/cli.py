@@ -5,36 +5,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from guestwarden import __version__
 from guestwarden.conf.loading import ConfigError, config_path, load_settings
 from guestwarden.conf.settings import DEFAULT_CONFIG_PATH, Settings
+from guestwarden.config_commands import add_config_parser, run_config
 from guestwarden.exitcodes import ExitCode
 from guestwarden.ipc.client import ControlClient, Unreachable
 from guestwarden.ipc.codec import JSON_ENCODER
 from guestwarden.ipc.messages import (
     Error,
-    GetRun,
+    GetMetrics,
     GetStatus,
-    GuestOutcome,
+    MetricsText,
     Ok,
     Plan,
     PlanReply,
+    PolicyReply,
     Preserve,
+    Reload,
+    Reloaded,
     Reply,
     Request,
     Restore,
-    RunReply,
     RunStatus,
     SetWorkers,
     Status,
 )
 from guestwarden.logs import setup_logging
-
-WAIT_POLL_S = 0.2
+from guestwarden.policy_cli import (
+    PolicyUsageError,
+    add_policy_parser,
+    plan_lines,
+    policy_lines,
+    policy_request,
+)
 
 
 class CliError(Exception):
@@ -61,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     daemon.add_argument("--boot-id-file", type=Path, default=None,
                         help=argparse.SUPPRESS)  # tests simulate a reboot with it
+    daemon.add_argument("--dueling-root", type=Path, default=Path("/"),
+                        help=argparse.SUPPRESS)  # tests: where libvirt-guests is looked for
 
     status = sub.add_parser("status", parents=[config], help="daemon state, workers and jobs")
     status.add_argument("--json", action="store_true", help="one JSON object")
@@ -72,19 +81,40 @@ def build_parser() -> argparse.ArgumentParser:
                        ("restore", "bring back the guests the last preserve handled")):
         cmd = sub.add_parser(name, parents=[config], help=text)
         cmd.add_argument("--wait", action="store_true",
-                         help="wait for the end; print one line per guest; exit 1 on failure")
-        cmd.add_argument("--json", action="store_true", help="with --wait: the run as JSON")
+                         help="follow the run to its end (a live view on a terminal, else "
+                              "one line per event and per guest); exit 1 on failure")
+        cmd.add_argument("--plain", action="store_true",
+                         help="with --wait: one line per event, even on a terminal")
+        cmd.add_argument("--json", action="store_true",
+                         help="with --wait: one JSON object per event; the last is RunFinished "
+                              "with the whole run")
         cmd.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
                          help="with --wait: give up waiting after this long (0: never)")
 
+    watch = sub.add_parser("watch", parents=[config],
+                           help="follow what the daemon does, live, until Ctrl-C")
+    watch.add_argument("--plain", action="store_true",
+                       help="one line per event, even on a terminal")
+    watch.add_argument("--json", action="store_true", help="one JSON object per event")
+
+    sub.add_parser("metrics", parents=[config],
+                   help="the daemon's metrics now, in the Prometheus text format")
+
     workers = sub.add_parser("workers", parents=[config], help="resize the worker pool")
     workers.add_argument("count", type=int, help="number of worker processes (1..256)")
+
+    sub.add_parser("reload", parents=[config],
+                   help="make the daemon re-read its config file and say what changed")
+    add_config_parser(sub, [config])
+    add_policy_parser(sub, [config])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "config":  # reads its own files; needs no daemon
+            return run_config(args)
         explicit = args.config
         settings = load_settings(config_path(explicit), missing_ok=explicit is None)
         if args.command == "daemon":
@@ -96,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "preserve": cmd_run,
             "restore": cmd_run,
             "workers": cmd_workers,
+            "watch": cmd_watch,
+            "metrics": cmd_metrics,
+            "reload": cmd_reload,
+            "policy": cmd_policy,
         }[args.command]
         return handler(client, args)
     except ConfigError as exc:
@@ -107,14 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"guestwarden: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:  # --wait: the run is the daemon's; it goes on
+        print("guestwarden: interrupted (a run already started goes on in the daemon; "
+              "`guestwarden watch` follows it)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
 
 
 def run_daemon(settings: Settings, args: argparse.Namespace) -> int:
     from guestwarden.supervisor.app import BOOT_ID_PATH, AlreadyRunning, Supervisor
+    from guestwarden.supervisor.dueling import DuelingSources
 
     setup_logging(args.log_level, prefix="supervisor")
     supervisor = Supervisor(settings, boot_id_path=args.boot_id_file or BOOT_ID_PATH,
-                            log_level=args.log_level)
+                            log_level=args.log_level, config_path=config_path(args.config),
+                            config_missing_ok=args.config is None,
+                            dueling_sources=DuelingSources(args.dueling_root))
     try:
         return asyncio.run(supervisor.run())
     except AlreadyRunning as exc:
@@ -144,6 +185,8 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
         return ExitCode.OK
     print(f"state: {reply.state}   pid: {reply.pid}   up: {reply.uptime_s:.0f}s   "
           f"supervisor RSS: {reply.supervisor_rss_bytes / 2**20:.1f} MiB")
+    if reply.inhibitor:
+        print(f"inhibitor: {_inhibitor_line(reply)}")
     print(f"workers: {len(reply.workers)} (target {reply.workers_target})")
     rows: list[tuple[str, ...]] = [("WORKER", "PID", "STATE", "JOB", "RSS MiB", "CPU %", "DONE")]
     rows += [(w.worker_id, str(w.pid), w.state, str(w.job_id or "-"),
@@ -161,7 +204,20 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
         print(f"last run: {run.kind} {run.run_id}: {_run_state(run)}")
     for note in reply.notes:
         print(f"note: {note}")
+    for warning in reply.warnings:
+        print(f"WARNING: {warning}")
     return ExitCode.OK
+
+
+def _inhibitor_line(status: Status) -> str:
+    """``held (logind waits at most 600s; preserve now: about 12s)`` and the like."""
+    limit = ("logind delay limit unknown" if status.inhibit_delay_max_s is None
+             else f"logind waits at most {status.inhibit_delay_max_s:g}s")
+    estimate = ("" if status.preserve_estimate_s is None
+                else f"; preserve now: about {status.preserve_estimate_s:g}s")
+    if status.inhibitor == "unavailable":
+        return f"unavailable ({status.inhibitor_detail})"
+    return f"{status.inhibitor} ({limit}{estimate})"
 
 
 def _progress(done: int, total: int) -> str:
@@ -192,13 +248,22 @@ def cmd_plan(client: ControlClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(reply)
     else:
-        rows = [("GUEST", "URI", "STATE", "KIND", "CHAIN")]
-        rows += [(g.name, g.uri, g.state, "persistent" if g.persistent else "transient",
-                  " -> ".join(g.chain) if g.chain else g.note) for g in reply.guests]
-        _table(rows)
-        for error in reply.errors:
-            print(f"error: {error}")
+        print("\n".join(plan_lines(reply)))  # policy_cli.py
     return ExitCode.FAILED if reply.errors else ExitCode.OK
+
+
+def cmd_policy(client: ControlClient, args: argparse.Namespace) -> int:
+    try:
+        request = policy_request(args)
+    except PolicyUsageError as exc:
+        raise CliError(str(exc), ExitCode.CONFIG) from None
+    reply = ask(client, request, timeout_s=90.0)
+    assert isinstance(reply, PolicyReply)
+    if args.json:
+        _print_json(reply)
+    else:
+        print("\n".join(policy_lines(reply)))
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------- runs
@@ -206,46 +271,41 @@ def cmd_plan(client: ControlClient, args: argparse.Namespace) -> int:
 
 def cmd_run(client: ControlClient, args: argparse.Namespace) -> int:
     request: Request = Preserve() if args.command == "preserve" else Restore()
-    reply = ask(client, request)
-    assert isinstance(reply, Ok)
     if not args.wait:
+        reply = ask(client, request)
+        assert isinstance(reply, Ok)
         print(f"{args.command} started: run {reply.run_id} "
-              f"(follow it with: guestwarden status)")
+              f"(follow it with: guestwarden watch)")
         return ExitCode.OK
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    printed: set[str] = set()
-    while True:
-        status = ask(client, GetRun(run_id=reply.run_id))
-        assert isinstance(status, RunReply)
-        run = status.run
-        if not args.json:
-            for guest in run.guests:
-                key = f"{guest.uri} {guest.uuid}"
-                if guest.finished and key not in printed and guest.chain:
-                    printed.add(key)
-                    print(guest_line(guest), flush=True)
-        if run.finished_at is not None:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            raise CliError(f"{args.command} run {run.run_id} still running after "
-                           f"{args.timeout:g}s", ExitCode.FAILED)
-        time.sleep(WAIT_POLL_S)
-    if args.json:
-        _print_json(run)
-    else:
-        print(f"{args.command} {'ok' if run.ok else 'FAILED'}: {run.detail}")
+    # console/follow.py: events for the live view and the lines, GetRun for the truth
+    from guestwarden.console.follow import Follower, Timeout, choose_mode
+
+    mode = choose_mode(plain=args.plain, json=args.json, out=sys.stdout)
+    follower = Follower(lambda r: ask(client, r), client.socket_path.parent, mode, sys.stdout)
+    try:
+        run = follower.follow_run(request, args.timeout)
+    except Timeout as exc:
+        raise CliError(f"{args.command} {exc}", ExitCode.FAILED) from None
     return ExitCode.OK if run.ok else ExitCode.FAILED
 
 
-def guest_line(guest: GuestOutcome) -> str:
-    took = ", ".join(f"{action} {seconds:.1f}s" for action, seconds in guest.durations_s.items())
-    mark = "ok  " if guest.ok else "FAIL"
-    text = f"{mark} {guest.name:<24} {guest.state_before:>8} -> {guest.outcome}"
-    if took:
-        text += f" ({took})"
-    if not guest.ok and guest.detail:
-        text += f": {guest.detail}"
-    return text
+def cmd_watch(client: ControlClient, args: argparse.Namespace) -> int:
+    from guestwarden.console.follow import Follower, choose_mode
+
+    mode = choose_mode(plain=args.plain, json=args.json, out=sys.stdout)
+    follower = Follower(lambda r: ask(client, r), client.socket_path.parent, mode, sys.stdout)
+    try:
+        follower.watch()
+    except KeyboardInterrupt:
+        return ExitCode.OK  # the way to stop watching
+    return ExitCode.OK
+
+
+def cmd_metrics(client: ControlClient, args: argparse.Namespace) -> int:
+    reply = ask(client, GetMetrics())
+    assert isinstance(reply, MetricsText)
+    sys.stdout.write(reply.text)
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------- workers
@@ -255,6 +315,21 @@ def cmd_workers(client: ControlClient, args: argparse.Namespace) -> int:
     reply = ask(client, SetWorkers(count=args.count))
     assert isinstance(reply, Ok)
     print(reply.detail)
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------------- reload
+
+
+def cmd_reload(client: ControlClient, args: argparse.Namespace) -> int:
+    from guestwarden.supervisor.reload import describe_changes
+
+    reply = ask(client, Reload(), timeout_s=60.0)
+    assert isinstance(reply, Reloaded)
+    print(f"reloaded {reply.path}: " + (f"{len(reply.changes)} changed" if reply.changes
+                                        else "no changes"))
+    for line in describe_changes(reply.changes):
+        print(f"  {line}")
     return ExitCode.OK
 
 

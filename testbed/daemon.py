@@ -83,6 +83,23 @@ def run_cli(config: Path, *args: str, timeout_s: float = 120.0,
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+HOST_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "DBUS_SYSTEM_BUS_ADDRESS")
+
+
+def daemon_env(base_dir: Path, env: Mapping[str, str] | None) -> dict[str, str]:
+    """The daemon's environment: ours, but never the host's logind or systemd.
+
+    Without an explicit ``DBUS_SYSTEM_BUS_ADDRESS`` the daemon is pointed at a socket
+    that does not exist (no inhibitor, "unavailable"), and the test's own
+    ``NOTIFY_SOCKET``/``WATCHDOG_*`` (a CI run under systemd) are dropped, so a test
+    daemon never takes a real inhibitor or talks to the real service manager.
+    """
+    out = {k: v for k, v in os.environ.items() if k not in HOST_ENV}
+    out["DBUS_SYSTEM_BUS_ADDRESS"] = f"unix:path={base_dir}/no-system-bus"
+    out.update(env or {})
+    return out
+
+
 class GuestwardenDaemon:
     def __init__(
         self,
@@ -95,13 +112,18 @@ class GuestwardenDaemon:
         advanced: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
         boot_id: str = "boot-1",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.base_dir = base_dir
+        self.env = daemon_env(base_dir, env)
         self.state_dir = base_dir / "state"
         self.runtime_dir = base_dir / "run"
         self.log_path = base_dir / "daemon.log"
         self.boot_id_path = base_dir / "boot_id"
         self.boot_id_path.write_text(boot_id + "\n")
+        # where the daemon looks for libvirt-guests.service and qemu.conf (dueling.py):
+        # an empty tree, so that the host's own setup never changes a test
+        self.host_root = base_dir / "host"
         settings: dict[str, Any] = {
             "uris": list(uris),
             "state_dir": str(self.state_dir),
@@ -123,8 +145,9 @@ class GuestwardenDaemon:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "guestwarden", "--config", str(self.config), "daemon",
-             "--boot-id-file", str(self.boot_id_path), "--log-level", "DEBUG"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+             "--boot-id-file", str(self.boot_id_path), "--log-level", "DEBUG",
+             "--dueling-root", str(self.host_root)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
         )
         return self.wait_ready(timeout_s, expect_workers=expect_workers)
 

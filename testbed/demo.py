@@ -4,6 +4,7 @@ Starts an isolated libvirtd (nothing of the host's libvirt is touched), defines 
 dozen guests in libvirt's test driver, runs ``guestwarden daemon`` with a worker pool,
 and shows ``status``, ``plan``, ``preserve --wait`` and ``restore --wait`` exactly as a
 user would type them. Everything it started is stopped at the end, also on Ctrl-C.
+With ``--guests qemu`` the guests are a few tiny real QEMU guests (testbed/qemudemo.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from testbed import qemudemo
 from testbed.daemon import GuestwardenDaemon
 from testbed.guests import define_guests
 from testbed.libvirtd import IsolatedLibvirtd, find_requirement_problems
@@ -25,7 +27,7 @@ STATE_NAMES = {1: "running", 2: "running", 3: "paused", 5: "off"}
 
 def summary(conn: Any) -> str:
     counts = Counter(STATE_NAMES.get(d.state()[0], "other") for d in conn.listAllDomains(0))
-    images = len(conn.listAllDomains(1 << 10))  # VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE
+    images = len(conn.listAllDomains(1 << 8))  # VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE
     return (", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
             + f"; {images} with a managed-save image")
 
@@ -45,10 +47,12 @@ def show(daemon: GuestwardenDaemon, *args: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.demo")
-    parser.add_argument("--guests", choices=["test"], default="test",
-                        help="test: libvirt's test driver guests in the private libvirtd")
+    parser.add_argument("--guests", choices=["test", "qemu"], default="test",
+                        help="test: libvirt's test driver guests in the private libvirtd; "
+                        "qemu: three tiny real QEMU guests there")
     args = parser.parse_args(argv)
-    problems = find_requirement_problems()
+    qemu = args.guests == "qemu"
+    problems = find_requirement_problems(qemu=qemu)
     if problems:
         print("demo cannot run: " + "; ".join(problems) + " (run `make deps`)", file=sys.stderr)
         return 2
@@ -58,20 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         banner(f"starting a private libvirtd under {base} ({args.guests} guests)")
         libvirtd.start()
-        conn = libvirtd.keeper()
-        for dom in conn.listAllDomains(0):  # the test driver's sample guest
-            dom.destroy()
-            dom.undefine()
-        define_guests(conn, "web", running=16)
-        define_guests(conn, "db", running=6, paused=2)
-        define_guests(conn, "idle", off=4)
-        define_guests(conn, "ci", transient_running=6)
+        if qemu:
+            conn = qemudemo.start_guests(libvirtd, base)
+        else:
+            conn = libvirtd.keeper()
+            for dom in conn.listAllDomains(0):  # the test driver's sample guest
+                dom.destroy()
+                dom.undefine()
+            define_guests(conn, "web", running=16)
+            define_guests(conn, "db", running=6, paused=2)
+            define_guests(conn, "idle", off=4)
+            define_guests(conn, "ci", transient_running=6)
         print(f"guests: {summary(conn)}")
 
         banner("starting the guestwarden daemon (4 workers)")
         (base / "gw").mkdir()
-        daemon = GuestwardenDaemon(base / "gw", [libvirtd.test_uri], workers=4,
-                                   shutdown={"parallel_save": 2, "parallel_shutdown": 4})
+        if qemu:
+            daemon = GuestwardenDaemon(base / "gw", [libvirtd.qemu_uri],
+                                       **qemudemo.DAEMON_OPTIONS)
+        else:
+            daemon = GuestwardenDaemon(base / "gw", [libvirtd.test_uri], workers=4,
+                                       shutdown={"parallel_save": 2, "parallel_shutdown": 4})
         daemon.start()
         print(f"config: {daemon.config}")
         print(daemon.config.read_text())
@@ -81,12 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         show(daemon, "plan")
 
         banner("preserve (what the host shutdown runs)")
+        watcher = qemudemo.StatusDuringSaves(daemon) if qemu else None
         rc = show(daemon, "preserve", "--wait")
         print(f"exit status {rc}; guests now: {summary(conn)}")
+        if watcher is not None and watcher.finish():
+            print("\n`guestwarden status` while the saves ran:")
+            sys.stdout.write(watcher.seen)
 
         banner("restore (what the next boot runs)")
         rc2 = show(daemon, "restore", "--wait")
         print(f"exit status {rc2}; guests now: {summary(conn)}")
+        if qemu:
+            print("\nwhat the restore says about each guest:")
+            for line in qemudemo.restore_details(daemon):
+                print(f"  {line}")
         show(daemon, "status")
         return 0 if rc == rc2 == 0 else 1
     finally:

@@ -36,6 +36,11 @@ Kernel command-line switches read by ``/init`` (pass them with ``cmdline_extra``
     console and keeps running.
 ``gw.no_agent=1``
     Do not start qemu-ga; agent calls then fail at once.
+``gw.dirty_mib=N``
+    Before READY, fill N MiB of guest memory (a tmpfs of its own) with non-zero data,
+    so that a managed save has that much to write: QEMU skips zero pages, so an idle
+    guest saves in a fraction of a second whatever its size. Give the guest at least
+    N + 96 MiB of memory.
 
 Lines the guest prints on its serial console (ttyS0), for :func:`wait_for_console`:
 :data:`READY_MARKER` once modules, acpid and qemu-ga are up (qemu-ga has its port open),
@@ -76,7 +81,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from xml.sax.saxutils import escape, quoteattr
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bump whenever anything that ends up in the image changes: forces a rebuild."""
 
 CACHE_ENV = "GUESTWARDEN_IMAGE_CACHE"
@@ -678,18 +683,22 @@ wait_until() {
     done
 }
 
-delay=0; ignore_acpi=0; no_agent=0
+delay=0; ignore_acpi=0; no_agent=0; dirty_mib=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         gw.poweroff_delay=*) delay=${arg#*=} ;;
         gw.ignore_acpi=*) ignore_acpi=${arg#*=} ;;
         gw.no_agent=*) no_agent=${arg#*=} ;;
+        gw.dirty_mib=*) dirty_mib=${arg#*=} ;;
     esac
 done
 case "$delay" in
     ''|*[!0-9]*) say "@ERROR@ bad gw.poweroff_delay=$delay, using 0"; delay=0 ;;
 esac
 echo "$delay" > /run/gw/poweroff_delay
+case "$dirty_mib" in
+    ''|*[!0-9]*) say "@ERROR@ bad gw.dirty_mib=$dirty_mib, using 0"; dirty_mib=0 ;;
+esac
 [ "$ignore_acpi" = 1 ] && : > /run/gw/ignore_acpi
 
 for m in @MODULES@; do
@@ -734,8 +743,22 @@ else
     say "@ERROR@ no virtio port named @CHANNEL@"
 fi
 
+if [ "$dirty_mib" -gt 0 ]; then
+    # memory a managed save must really write: 1 MiB of random bytes, copied N times
+    mkdir -p /run/gw/dirty
+    mount -t tmpfs -o size=$((dirty_mib + 1))m tmpfs /run/gw/dirty
+    head -c 1048576 /dev/urandom > /run/gw/seed
+    n=0
+    while [ "$n" -lt "$dirty_mib" ]; do
+        cat /run/gw/seed || break
+        n=$((n + 1))
+    done > /run/gw/dirty/fill
+    [ "$n" -eq "$dirty_mib" ] || say "@ERROR@ only $n of gw.dirty_mib=$dirty_mib MiB filled"
+fi
+
 read -r uptime _ < /proc/uptime
-say "@READY@ agent=$agent poweroff_delay=$delay ignore_acpi=$ignore_acpi uptime=$uptime"
+say "@READY@ agent=$agent poweroff_delay=$delay ignore_acpi=$ignore_acpi" \
+    "dirty_mib=$dirty_mib uptime=$uptime"
 # PID 1 must never exit; busybox sh reaps every child (orphans too) while it waits.
 while :; do
     sleep 3600

@@ -64,9 +64,10 @@ def describe_validation_error(path: Path, message: str) -> str:
     msg = match.group("msg") if match else message
     where = (match.group("path") or "") if match else ""
     key_parts = [p for p in re.split(r"[.\[\]]", where) if p and not p.isdigit()]
+    shown = _shown_key(where)
     unknown = _UNKNOWN.search(msg)
     if unknown:
-        section = ".".join(key_parts)
+        section = shown
         allowed = ", ".join(_field_names(key_parts))
         key = f"{section}.{unknown.group('field')}" if section else unknown.group("field")
         return f"config file {path}: unknown key {key!r}; allowed keys here: {allowed}"
@@ -74,8 +75,9 @@ def describe_validation_error(path: Path, message: str) -> str:
     if sep and head.isidentifier() and head in _field_names(key_parts):
         # a cross-field check in __post_init__ names its own key
         key_parts.append(head)
+        shown = f"{shown}.{head}" if shown else head
         msg = rest
-    key = ".".join(key_parts) or "(top level)"
+    key = shown or "(top level)"
     allowed = describe_allowed(key_parts)
     text = f"config file {path}: key {key}: {msg.replace('`', '')}"
     if allowed:
@@ -83,15 +85,47 @@ def describe_validation_error(path: Path, message: str) -> str:
     return text
 
 
+def _shown_key(where: str) -> str:
+    """``rules[0].chain`` -> ``rules[1].chain``: the position of a table in a list of
+    tables (``[[rules]]``, counted from 1) is kept; that of a value in a list is not."""
+    shown = ""
+    parts: list[str] = []
+    for token in (t for t in re.split(r"[.\[\]]", where) if t):
+        if token.isdigit():
+            if parts and _table_list(parts):
+                shown += f"[{int(token) + 1}]"
+            continue
+        parts.append(token)
+        shown = f"{shown}.{token}" if shown else token
+    return shown
+
+
+def _table_list(key_parts: list[str]) -> bool:
+    parent = _section_info(key_parts[:-1])
+    fields = {f.name: f for f in parent.fields} if parent else {}
+    field = fields.get(key_parts[-1])
+    return field is not None and isinstance(_tables_of(field.type), mi.StructType)
+
+
+def _tables_of(info: mi.Type) -> mi.Type:
+    """A list of tables (``[[rules]]``) stands for its table type; anything else for itself."""
+    if isinstance(info, mi.VarTupleType | mi.ListType) and isinstance(info.item_type,
+                                                                      mi.StructType):
+        return info.item_type
+    return info
+
+
 def _section_info(key_parts: list[str]) -> mi.StructType | None:
     info: mi.Type = mi.type_info(Settings)
     for part in key_parts:
+        info = _tables_of(info)
         if not isinstance(info, mi.StructType):
             return None
         fields = {f.name: f for f in info.fields}
         if part not in fields:
             return None
         info = fields[part].type
+    info = _tables_of(info)
     return info if isinstance(info, mi.StructType) else None
 
 
@@ -117,7 +151,7 @@ def _describe(info: mi.Type) -> str:
         case mi.LiteralType(values=values):
             return "one of " + ", ".join(_quote(v) for v in values)
         case mi.UnionType(types=types):
-            return " or ".join(_describe(t) for t in types)
+            return " or ".join(_describe(t) for t in types if not isinstance(t, mi.NoneType))
         case mi.IntType(ge=ge, le=le, gt=gt, lt=lt):
             return "an integer" + _range(ge, le, gt, lt)
         case mi.FloatType(ge=ge, le=le, gt=gt, lt=lt):
@@ -129,6 +163,8 @@ def _describe(info: mi.Type) -> str:
         case mi.TupleType() | mi.ListType() | mi.VarTupleType():
             item = getattr(info, "item_type", None)
             what = _describe(item) if item is not None else "values"
+            if isinstance(item, mi.StructType):
+                return "a list of tables"
             size = ""
             min_length = getattr(info, "min_length", None)
             if min_length:

@@ -11,13 +11,14 @@ from typing import TypeVar, cast
 
 import msgspec
 
-from guestwarden.ipc.messages import FromWorker, Reply, Request, ToWorker
+from guestwarden.ipc.messages import Event, FromWorker, Reply, Request, ToWorker
 
 ENCODER = msgspec.msgpack.Encoder()
 TO_WORKER = msgspec.msgpack.Decoder(ToWorker)
 FROM_WORKER = msgspec.msgpack.Decoder(FromWorker)
 REQUEST = msgspec.msgpack.Decoder(Request)
 REPLY = msgspec.msgpack.Decoder(Reply)
+EVENT = msgspec.msgpack.Decoder(Event)
 
 JSON_ENCODER = msgspec.json.Encoder()
 
@@ -46,6 +47,10 @@ def decode_request(frame: bytes) -> Request:
 
 def decode_reply(frame: bytes) -> Reply:
     return cast(Reply, _decode(REPLY, frame))
+
+
+def decode_event(frame: bytes) -> Event:
+    return cast(Event, _decode(EVENT, frame))
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[_T], frame: bytes) -> _T:

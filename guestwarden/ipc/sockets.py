@@ -12,6 +12,7 @@ import zmq
 
 CONTROL_SOCKET = "control.sock"
 WORKER_SOCKET = "workers.sock"
+EVENTS_SOCKET = "events.sock"
 LOCK_FILE = "guestwarden.lock"
 
 CONTROL_MAX_MESSAGE_BYTES = 1 << 20
@@ -27,6 +28,10 @@ def control_endpoint(runtime_dir: str | Path) -> str:
 
 def worker_endpoint(runtime_dir: str | Path) -> str:
     return f"ipc://{Path(runtime_dir) / WORKER_SOCKET}"
+
+
+def events_endpoint(runtime_dir: str | Path) -> str:
+    return f"ipc://{Path(runtime_dir) / EVENTS_SOCKET}"
 
 
 def configure(sock: zmq.Socket[Any], *, max_message_bytes: int) -> None:

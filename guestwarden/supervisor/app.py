@@ -20,12 +20,16 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from guestwarden.conf.loading import ConfigError, load_settings
 from guestwarden.conf.settings import Settings, resolve_worker_count
 from guestwarden.ipc import codec
 from guestwarden.ipc.messages import (
+    ClearPolicy,
     Error,
+    GetMetrics,
     GetRun,
     GetStatus,
+    GuestInfo,
     Heartbeat,
     Job,
     JobDone,
@@ -33,15 +37,20 @@ from guestwarden.ipc.messages import (
     JobKind,
     Jobs,
     ListJobs,
+    MetricsText,
     Ok,
     Plan,
-    PlanReply,
     Preserve,
+    Progress,
+    Reload,
+    Reloaded,
     Reply,
     Request,
     Restore,
     RunReply,
+    SetPolicy,
     SetWorkers,
+    ShowPolicy,
     Status,
     WorkerStatus,
 )
@@ -53,16 +62,22 @@ from guestwarden.ipc.sockets import (
     configure,
     private_umask,
 )
+from guestwarden.supervisor.capacity import host_resources, worker_count
 from guestwarden.supervisor.control import ControlServer
 from guestwarden.supervisor.dispatcher import Dispatcher, Effect, JobFinished, KillWorker, SendTo
+from guestwarden.supervisor.dueling import DuelingGuard, DuelingSources, RefusedRun
+from guestwarden.supervisor.forecast import build_plan
+from guestwarden.supervisor.host import HostIntegration, progress_line
 from guestwarden.supervisor.journal import Journal, JournalData
 from guestwarden.supervisor.monitor import Monitor
-from guestwarden.supervisor.plan import plan_preserve
+from guestwarden.supervisor.policyeditor import PolicyEditor
 from guestwarden.supervisor.pool import WorkerPool
 from guestwarden.supervisor.preserve import PreserveRun, take_inventory
 from guestwarden.supervisor.recovery import close_interrupted
+from guestwarden.supervisor.reload import describe_changes, diff_settings, effective_settings
 from guestwarden.supervisor.restore import RestoreRun
 from guestwarden.supervisor.runs import Run
+from guestwarden.supervisor.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +127,13 @@ class Supervisor:
         boot_id_path: Path = BOOT_ID_PATH,
         log_level: str = "INFO",
         clock: Callable[[], float] = time.monotonic,
+        config_path: Path | None = None,
+        config_missing_ok: bool = False,
+        dueling_sources: DuelingSources | None = None,
     ) -> None:
         self.settings = settings
+        self.config_path = config_path  # re-read by reload (SIGHUP, `guestwarden reload`)
+        self.config_missing_ok = config_missing_ok
         self.clock = clock
         self.log_level = log_level
         self.runtime_dir = Path(settings.runtime_dir)
@@ -139,16 +159,25 @@ class Supervisor:
         self.ctx = zmq.asyncio.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         configure(self.router, max_message_bytes=WORKER_MAX_MESSAGE_BYTES)
+        # events.sock and the metrics (telemetry.py): told of jobs, workers and runs
+        self.telemetry = Telemetry(self.ctx, self.runtime_dir, clock=clock,
+                                   textfile=lambda: self.settings.metrics_textfile)
         self.pool = WorkerPool(
             endpoint=f"ipc://{self.runtime_dir / WORKER_SOCKET}",
             advanced=self.adv,
             log_level=log_level,
-            on_spawn=lambda wid, pid: self.dispatcher.worker_spawned(wid, pid, self.clock()),
+            on_spawn=self._worker_spawned,
             on_exit=self._worker_exited,
             clock=clock,
         )
-        self.pool.target = resolve_worker_count(settings, os.cpu_count())
+        self.pool.target = worker_count(settings)  # capacity.py: psutil's CPUs and memory
+        self.policies = PolicyEditor(self._jobs(), lambda: self.settings)
         self.control = ControlServer(self.ctx, self.runtime_dir / CONTROL_SOCKET, self.handle)
+        # logind inhibitor + systemd notify (host.py); its tasks start with run()
+        self.host = HostIntegration(self, clock=clock)
+        # libvirt-guests or libvirt's auto-shutdown acting on the same guests (dueling.py)
+        self.dueling = DuelingGuard(dueling_sources or DuelingSources())
+        self._run_task: asyncio.Task[object] | None = None
 
     # ------------------------------------------------------------------ life
 
@@ -157,7 +186,7 @@ class Supervisor:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = take_lock(self.runtime_dir)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         try:
             self.journal_data = self._recover_journal()
@@ -166,17 +195,20 @@ class Supervisor:
             with private_umask():
                 self.router.bind(f"ipc://{worker_sock}")
             self.control.bind()
+            self.telemetry.open(loop, self.journal_data.preserve, self.journal_data.restore)
             self._start(self._read_workers())
             self._start(self._tick())
             self._start(self.control.serve())
+            for coroutine in self.host.coroutines():
+                self._start(coroutine)
             await self.pool.reconcile()
             await self._wait_for_workers()
             self.state = "idle"
             log.info("ready: %d workers, control at %s", self.pool.target, self.control.socket_path)
+            self.host.ready()
+            self.dueling.refresh(allowed=self.settings.allow_dueling)
             self._maybe_restore_on_boot()
-            sig = await self._signals.get()
-            log.info("%s received: stopping; guests are left as they are", sig.name)
-            return 0
+            return await self._serve_signals()
         finally:
             await self._shutdown()
             os.close(lock_fd)
@@ -209,7 +241,9 @@ class Supervisor:
         await self.pool.close(grace_s=max(5.0, self.adv.job_grace))
         for task in self._tasks:
             task.cancel()
+        self.host.close()  # the inhibitor goes last: preserve (if any) is over
         self.control.close()
+        self.telemetry.close()
         self.router.close(linger=0)
         (self.runtime_dir / WORKER_SOCKET).unlink(missing_ok=True)
         self.ctx.term()
@@ -240,6 +274,9 @@ class Supervisor:
                 log.warning("undecodable frame from worker=%s dropped: %s", worker_id, exc)
                 continue
             self._apply(self.dispatcher.on_message(worker_id, message, self.clock()))
+            if isinstance(message, Progress):
+                self.telemetry.progress(self.dispatcher.in_flight.get(message.job_id),
+                                        worker_id, message)
 
     async def _tick(self) -> None:
         interval = min(0.25, self.adv.heartbeat_interval / 2)
@@ -254,12 +291,19 @@ class Supervisor:
                     if slot.state != "starting":
                         self._apply([SendTo(worker_id, beat)])
             await self.pool.reconcile()
+            self.telemetry.tick(self.host.inhibitor.state, self.host.inhibitor.detail)
             await asyncio.sleep(interval)
 
+    def _worker_spawned(self, worker_id: str, pid: int) -> None:
+        self.dispatcher.worker_spawned(worker_id, pid, self.clock())
+        self.telemetry.worker_spawned(worker_id, pid)
+
     def _worker_exited(self, worker_id: str, returncode: int) -> None:
+        self.telemetry.worker_exited(worker_id, returncode, stopping=self.state == "stopping")
         self._apply(self.dispatcher.worker_exited(worker_id, self.clock()))
 
     def _apply(self, effects: list[Effect]) -> None:
+        self.telemetry.effects(effects)
         for effect in effects:
             match effect:
                 case SendTo(worker_id=worker_id, message=message):
@@ -307,12 +351,18 @@ class Supervisor:
     def start_preserve(self) -> Run:
         if self.current is not None and self.current.kind == "preserve":
             return self.current
+        refused = self.dueling.refusal("preserve", allowed=self.settings.allow_dueling)
+        if refused:  # every trigger gets a run that ends at once (dueling.RefusedRun)
+            return self._launch(RefusedRun(self._jobs(), "preserve", refused), "preserving")
         run = PreserveRun(self._jobs(), self.settings, self.journal,
-                          lambda: self.journal_data, self.boot_id)
+                          lambda: self.journal_data, self.boot_id, workers=self.pool.target)
         run.on_journal = self._set_journal
         return self._launch(run, "preserving")
 
     def start_restore(self, *, automatic: bool = False) -> Run:
+        refused = self.dueling.refusal("restore", allowed=self.settings.allow_dueling)
+        if refused:
+            return self._launch(RefusedRun(self._jobs(), "restore", refused), "restoring")
         run = RestoreRun(self._jobs(), self.settings, self.journal,
                          lambda: self.journal_data, self.boot_id, automatic=automatic)
         run.on_journal = self._set_journal
@@ -322,6 +372,7 @@ class Supervisor:
         self.current = run
         self.state = state
         self.runs = [*self.runs[-(KEPT_RUNS - 1):], run]
+        self.telemetry.run_launched(run)
 
         async def body() -> None:
             try:
@@ -331,7 +382,9 @@ class Supervisor:
                     self.current = None
                     self.state = "idle"
 
-        self._start(body())
+        self._run_task = self._start(body())
+        if run.kind == "preserve":  # systemd must not time us out mid-save
+            self._start(self.host.extend_while(run))
         return run
 
     def _maybe_restore_on_boot(self) -> None:
@@ -342,6 +395,10 @@ class Supervisor:
             return
         if self.journal_data.restore_boot_id == self.boot_id:
             log.info("restore already ran in this boot (%s): not again", self.boot_id)
+            return
+        if self.dueling.refusal("restore", allowed=self.settings.allow_dueling):
+            log.error("not restoring automatically in boot %s: see the refusal above; a "
+                      "daemon started after the setup is fixed restores then", self.boot_id)
             return
         log.info("first start in boot %s: restoring guests from the journal", self.boot_id)
         self.start_restore(automatic=True)
@@ -358,12 +415,18 @@ class Supervisor:
             case Preserve():
                 if self.current is not None and self.current.kind == "restore":
                     return Error(code="busy", message="a restore is running; try again after it")
+                refused = self.dueling.refusal("preserve", allowed=self.settings.allow_dueling)
+                if refused:
+                    return Error(code="unavailable", message=refused)
                 run = self.start_preserve()
                 return Ok(detail="preserve started", run_id=run.run_id)
             case Restore():
                 if self.current is not None:
                     return Error(code="busy",
                                  message=f"a {self.current.kind} is running; try again after it")
+                refused = self.dueling.refusal("restore", allowed=self.settings.allow_dueling)
+                if refused:
+                    return Error(code="unavailable", message=refused)
                 run = self.start_restore()
                 return Ok(detail="restore started", run_id=run.run_id)
             case GetRun(run_id=run_id):
@@ -374,13 +437,20 @@ class Supervisor:
                              f"{', '.join(r.run_id for r in self.runs) or 'none'})")
             case Plan():
                 guests, errors = await take_inventory(self._jobs(), self.settings)
-                return PlanReply(guests=plan_preserve(guests, self.settings),
-                                 errors=tuple(errors))
+                return build_plan(guests, errors, self.settings, self.journal_data.learned,
+                                  workers=self.pool.target,
+                                  delay_max_s=self.host.inhibitor.delay_max_s)
+            case ShowPolicy() | SetPolicy() | ClearPolicy():
+                return await self.policies.handle(request)
             case SetWorkers(count=count):
                 if not 1 <= count <= 256:
                     return Error(code="invalid",
                                  message=f"worker count must be from 1 to 256, got {count}")
                 return await self.resize(count)
+            case Reload():
+                return await self.reload()
+            case GetMetrics():
+                return MetricsText(text=self.telemetry.metrics_text(self.status()))
 
     async def resize(self, count: int) -> Reply:
         """Grow now; shrink by retiring idle workers first, busy ones after their job."""
@@ -414,6 +484,7 @@ class Supervisor:
                 jobs_done=slot.jobs_done if slot else 0,
             ))
         self.monitor.forget_others(alive)
+        dueling = self.dueling.refresh(allowed=self.settings.allow_dueling)
         return Status(
             state=self.state,
             pid=os.getpid(),
@@ -425,10 +496,84 @@ class Supervisor:
             runs=tuple(r.status() for r in self.runs),
             boot_id=self.boot_id,
             restored_this_boot=self.journal_data.restore_boot_id == self.boot_id,
-            notes=tuple(self.journal.notes),
+            notes=(*self.journal.notes, *self.dueling.notes()),
+            dueling=dueling,
+            refusing_guests=bool(dueling) and not self.settings.allow_dueling,
             supervisor_rss_bytes=self.monitor.own_rss(),
             peak_in_flight=dict(self.dispatcher.peak_in_flight),
+            **self.host.status_fields(),
         )
+
+    # ------------------------------------------------------------------ host: signals, reload
+
+    async def _serve_signals(self) -> int:
+        """SIGHUP reloads; SIGTERM/SIGINT stop, preserving first if ``host.stopping`` says so.
+
+        A preserve running when the stop comes (started by logind, the CLI or this
+        SIGTERM) is finished first; signals meanwhile are logged and never abort it.
+        """
+        while (sig := await self._signals.get()) == signal.SIGHUP:
+            await self.reload()
+        preserve = await self.host.stopping(sig)
+        if preserve or (self.current is not None and self.current.kind == "preserve"):
+            ignoring = self._start(self._ignore_signals())
+            run = await self.preserve_and_wait()  # joins a preserve already running
+            ignoring.cancel()
+            log.info("preserve run=%s ended before exit: ok=%s %s", run.run_id, run.ok,
+                     run.detail)
+        return 0
+
+    async def _ignore_signals(self) -> None:
+        while True:
+            sig = await self._signals.get()
+            log.warning("%s received while stopping: ignored, the preserve goes on (SIGKILL "
+                        "would stop it)", sig.name)
+
+    async def preserve_and_wait(self) -> Run:
+        """Preserve now (joining a preserve already running) and wait until it has ended.
+
+        A restore that is running is cancelled first: the host is going down.
+        """
+        if self.current is not None and self.current.kind == "restore" and self._run_task:
+            log.warning("restore run=%s interrupted: guests are preserved instead",
+                        self.current.run_id)
+            self._run_task.cancel()
+            await asyncio.wait({self._run_task})
+        run = self.start_preserve()
+        await run.finished.wait()
+        return run
+
+    async def inventory(self) -> tuple[list[GuestInfo], list[str]]:
+        return await take_inventory(self._jobs(), self.settings)
+
+    def status_line(self) -> str:
+        return progress_line(self.state, self.current or (self.runs[-1] if self.runs else None),
+                             self.dispatcher.job_statuses(self.clock()), len(self.pool.active()),
+                             self.host.inhibitor.state, self.host.warning)
+
+    async def reload(self) -> Reply:
+        """Re-read the config file; apply what can change live (reload.py says which)."""
+        if self.config_path is None:
+            return Error(code="unavailable", message="this daemon was started without a "
+                         "config file path: there is nothing to re-read")
+        self.host.notifier.reloading()
+        try:
+            try:
+                new = load_settings(self.config_path, missing_ok=self.config_missing_ok)
+            except ConfigError as exc:
+                log.error("reload refused, the running config stays: %s", exc)
+                return Error(code="invalid", message=f"{exc} (the running config stays)")
+            changes = diff_settings(self.settings, new)
+            old, self.settings = self.settings, effective_settings(self.settings, new)
+            for line in describe_changes(changes) or ["no changes"]:
+                log.info("reload of %s: %s", self.config_path, line)
+            resources = host_resources()
+            count = resolve_worker_count(self.settings, *resources)
+            if count != resolve_worker_count(old, *resources):
+                await self.resize(count)
+            return Reloaded(path=str(self.config_path), changes=changes)
+        finally:
+            self.host.notifier.ready(self.status_line())
 
 
 class _JobAdapter:

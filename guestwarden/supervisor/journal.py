@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from guestwarden.ipc.messages import RunStatus
+from guestwarden.supervisor.learned import Learned
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ class JournalData(msgspec.Struct, frozen=True, kw_only=True):
     """Guests (``uri uuid``) of ``preserve`` already brought back: never started twice."""
     restore_boot_id: str = ""
     """The boot in which the automatic restore ran; it runs once per boot."""
+    learned: Learned = msgspec.field(default_factory=Learned)
+    """Durations and save throughput measured by earlier runs (learned.py); kept
+    across runs, so a writer replaces the fields it changes and keeps this one."""
 
 
 _ENCODER = msgspec.json.Encoder()

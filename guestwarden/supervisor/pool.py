@@ -87,6 +87,7 @@ class WorkerPool:
             "--heartbeat-interval", str(adv.heartbeat_interval),
             "--heartbeat-timeout", str(adv.heartbeat_timeout),
             "--connect-timeout", str(adv.connect_timeout),
+            "--progress-interval", str(adv.progress_interval),
             "--log-level", self.log_level,
         ]
 

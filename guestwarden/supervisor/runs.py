@@ -32,6 +32,18 @@ class JobService(Protocol):
     async def run(self, job: Job) -> JobDone | JobFailed: ...
 
 
+class RunObserver(Protocol):
+    """Who hears of a run's milestones (the event publisher, supervisor/events.py)."""
+
+    def run_started(self, run: Run) -> None: ...
+
+    def run_planned(self, run: Run) -> None: ...
+
+    def guest_finished(self, run: Run, record: GuestOutcome) -> None: ...
+
+    def run_finished(self, run: Run) -> None: ...
+
+
 def new_run_id(kind: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -52,6 +64,7 @@ class Run:
         self.guests: dict[str, GuestOutcome] = {}
         self._dirty = False
         self.finished = asyncio.Event()
+        self.observer: RunObserver | None = None
 
     def status(self) -> RunStatus:
         return RunStatus(
@@ -65,10 +78,18 @@ class Run:
         )
 
     def update(self, key: str, **changes: object) -> GuestOutcome:
-        record = msgspec.structs.replace(self.guests[key], **changes)
+        before = self.guests[key]
+        record = msgspec.structs.replace(before, **changes)
         self.guests[key] = record
         self._dirty = True
+        if record.finished and not before.finished and self.observer is not None:
+            self.observer.guest_finished(self, record)
         return record
+
+    def planned(self) -> None:
+        """Subclasses call this once ``guests`` holds every guest of the run."""
+        if self.observer is not None:
+            self.observer.run_planned(self)
 
     def counts(self) -> tuple[int, int]:
         """(finished, total) guests that this run acts on."""
@@ -82,6 +103,8 @@ class Run:
         raise NotImplementedError
 
     async def run(self) -> RunStatus:
+        if self.observer is not None:
+            self.observer.run_started(self)
         flusher = asyncio.create_task(self._flush_periodically())
         try:
             await self.execute()
@@ -96,6 +119,8 @@ class Run:
                 self.ok = False
                 self.detail = self.detail or "cancelled"
             self.write_journal()
+            if self.observer is not None:
+                self.observer.run_finished(self)
             self.finished.set()
         log.info("%s run=%s finished ok=%s %s", self.kind, self.run_id, self.ok, self.detail)
         return self.status()
@@ -111,4 +136,4 @@ class Run:
 def describe_result(result: JobDone | JobFailed) -> str:
     if isinstance(result, JobDone):
         return result.result
-    return f"failed ({result.reason})"
+    return f"failed ({result.reason})" + (f": {result.detail}" if result.detail else "")

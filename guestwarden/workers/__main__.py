@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
     parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--progress-interval", type=float, default=0.5)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, prefix=f"worker {args.worker_id}")
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
         connect_timeout_s=args.connect_timeout,
+        progress_interval_s=args.progress_interval,
     )
     return asyncio.run(worker.run())
 

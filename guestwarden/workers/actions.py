@@ -21,14 +21,13 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from guestwarden.ipc.messages import GuestInfo, GuestState, Job
+from guestwarden.conf import guestpolicy
+from guestwarden.ipc.messages import GuestInfo, GuestPolicy, GuestState, Job
+from guestwarden.workers.shutdown import AgentFailed, GracefulShutdown, ModeUnsupported
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-POLL_INTERVAL_S = 0.1
-"""How often a shutdown waits re-reads the guest's state (one cheap RPC)."""
 
 _STATES: dict[int, GuestState] = {
     libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -58,6 +57,8 @@ _UNSUPPORTED = frozenset(
         libvirt.VIR_ERR_INVALID_ARG,
     }
 )
+# a driver that does not know a flag at all (the test driver: "unsupported flags")
+_FLAG_REJECTED = frozenset({libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG})
 
 
 class ActionError(Exception):
@@ -158,8 +159,16 @@ def _describe(job: Job, exc: libvirt.libvirtError) -> str:
 class Actions:
     """The actions a worker can run, each given a ``Job`` and a cancel flag."""
 
-    def __init__(self, connections: Connections) -> None:
+    def __init__(self, connections: Connections, queries: Connections | None = None) -> None:
         self.connections = connections
+        self.queries = queries or connections
+        """For ``progress`` and ``abort`` while an action runs: measured on libvirt 9.0,
+        a jobStats call on the connection whose managedSave is running is answered only
+        after the save ends, so progress needs a connection of its own."""
+
+    def close_all(self) -> None:
+        self.connections.close_all()
+        self.queries.close_all()
 
     def run(self, job: Job, cancel: threading.Event) -> ActionResult:
         handler: Callable[[Job, threading.Event], ActionResult] = {
@@ -169,6 +178,9 @@ class Actions:
             "poweroff": self.poweroff,
             "start": self.start,
             "sync_time": self.sync_time,
+            "policy_get": self.policy_get,
+            "policy_set": self.policy_set,
+            "agent_wait": self.agent_wait,
         }[job.kind]
         try:
             return handler(job, cancel)
@@ -181,7 +193,8 @@ class Actions:
         """The guest, or None when libvirt no longer knows it (a transient guest gone)."""
         try:
             return self.connections.call(
-                job.uri, lambda c: c.lookupByUUIDString(job.uuid), cancel
+                job.uri, lambda c: (c.lookupByUUIDString(job.uuid) if job.uuid
+                                    else c.lookupByName(job.name)), cancel
             )
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
@@ -211,10 +224,13 @@ class Actions:
                 uuid = dom.UUIDString()
                 state = _STATES.get(int(stats.get("state.state", -1)), "other")
                 memory = int(stats.get("balloon.current", 0) or stats.get("balloon.maximum", 0))
+                if not memory and state in ("running", "paused"):
+                    memory = int(dom.info()[2])  # drivers without balloon stats
+                policy, policy_error = _read_policy(dom)
                 guests.append(GuestInfo(
                     uri=job.uri, uuid=uuid, name=dom.name(), state=state,
                     persistent=uuid not in transient, has_managed_save=uuid in saved,
-                    memory_kib=memory,
+                    memory_kib=memory, policy=policy, policy_error=policy_error,
                 ))
             return tuple(guests)
 
@@ -247,39 +263,12 @@ class Actions:
         if self._state(dom) == "paused":
             # a paused guest cannot see a power button or run its agent
             raise ActionError("paused", f"shutdown of guest {job.name}: guest is paused")
-        self._request_shutdown(dom, job)
-        deadline = time.monotonic() + job.timeout_s
-        while time.monotonic() < deadline:
-            if self._state(dom) == "shutoff":
-                return ActionResult("shut-down", f"{job.shutdown_mode} shutdown")
-            if cancel.wait(POLL_INTERVAL_S):
-                raise ActionError("cancelled", f"shutdown of guest {job.name} cancelled")
-        raise ActionError(
-            "timeout",
-            f"shutdown of guest {job.name}: still running {job.timeout_s:g}s after the "
-            f"{job.shutdown_mode} shutdown request",
-        )
-
-    def _request_shutdown(self, dom: Any, job: Job) -> None:
-        modes = job.shutdown_mode.split(",")
-        flags = 0
-        for mode in modes:
-            flags |= (libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT if mode == "agent"
-                      else libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-        if modes == ["agent"] or "agent" in modes:
-            # an agent shutdown blocks until the guest is off: send it from a side
-            # thread so that this worker's own wait (and deadline) stays in charge
-            threading.Thread(
-                target=_quiet(dom.shutdownFlags), args=(flags,), daemon=True,
-                name=f"agent-shutdown-{job.name}",
-            ).start()
-            return
-        try:
-            dom.shutdownFlags(flags)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() not in _UNSUPPORTED:
-                raise
-            dom.shutdown()  # drivers without mode flags (the test driver)
+        report = GracefulShutdown(
+            _ShutdownTarget(dom, job), job.shutdown_mode, job.timeout_s, cancel
+        ).run()
+        if not report.ok:
+            raise ActionError(report.reason, report.detail)
+        return ActionResult("shut-down", report.detail)
 
     def poweroff(self, job: Job, cancel: threading.Event) -> ActionResult:
         dom = self._domain(job, cancel)
@@ -327,7 +316,15 @@ class Actions:
         return ActionResult("restored" if has_image else "started", f"now {state}")
 
     def sync_time(self, job: Job, cancel: threading.Event) -> ActionResult:
-        """Set the guest clock from the host's, retrying until its agent answers."""
+        """Set the guest clock from its RTC, retrying until its agent answers.
+
+        A restored guest's clock stands where it was at the save; its RTC, which QEMU
+        keeps on host time (plus any offset the domain's ``<clock>`` asks for), does
+        not. ``VIR_DOMAIN_TIME_SYNC`` (what ``virsh domtime --sync`` and libvirt-guests
+        do) sets the clock from that RTC rather than to the host's time, so a guest
+        configured to run at another time keeps it. The clock's offset from the host's
+        before the sync is read through the agent and reported.
+        """
         dom = self._domain(job, cancel)
         if dom is None:
             raise ActionError("not-found", f"time sync of guest {job.name}: guest is gone")
@@ -339,8 +336,9 @@ class Actions:
         while True:
             tries += 1
             try:
+                offset = _clock_offset_s(dom)
                 dom.setTime(None, libvirt.VIR_DOMAIN_TIME_SYNC)
-                return ActionResult("synced", f"after {tries} tries")
+                return ActionResult("synced", _synced_detail(offset, tries))
             except libvirt.libvirtError as exc:
                 last = exc.get_error_message()
             if time.monotonic() + 1.0 > deadline:
@@ -352,12 +350,63 @@ class Actions:
             if cancel.wait(1.0):
                 raise ActionError("cancelled", f"time sync of guest {job.name} cancelled")
 
+    # ------------------------------------------------------------------ policy, agent
+
+    def policy_get(self, job: Job, cancel: threading.Event) -> ActionResult:
+        """The guest (by ``uuid``, else ``name``) with its metadata, as inventory sees it."""
+        dom = self._domain(job, cancel)
+        if dom is None:
+            raise ActionError("not-found", f"no guest {job.name or job.uuid} on {job.uri}")
+        return ActionResult("found", "", (_guest_info(job.uri, dom),))
+
+    def policy_set(self, job: Job, cancel: threading.Event) -> ActionResult:
+        """Write (or, with ``job.policy`` None, remove) the guest's policy element: in its
+        persistent definition, so that it outlives a restart and goes with a copied
+        XML, and in the running one, so that a migration carries it."""
+        dom = self._domain(job, cancel)
+        if dom is None:
+            raise ActionError("not-found", f"no guest {job.name or job.uuid} on {job.uri}")
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0
+        if dom.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if job.policy is None:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None,
+                            guestpolicy.NAMESPACE, flags)
+        else:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, guestpolicy.to_xml(job.policy),
+                            guestpolicy.PREFIX, guestpolicy.NAMESPACE, flags)
+        return ActionResult("cleared" if job.policy is None else "set", "",
+                            (_guest_info(job.uri, dom),))
+
+    def agent_wait(self, job: Job, cancel: threading.Event) -> ActionResult:
+        """Until the guest agent answers (a read of the guest's clock), at most
+        ``timeout_s``: restore's ``wait_for_agents`` between order groups."""
+        dom = self._domain(job, cancel)
+        if dom is None:
+            raise ActionError("not-found", f"agent wait for guest {job.name}: guest is gone")
+        with contextlib.suppress(libvirt.libvirtError, AttributeError):
+            dom.agentSetResponseTimeout(5, 0)
+        deadline = time.monotonic() + job.timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                dom.getTime()
+                return ActionResult("answered", f"agent answered ({tries} tries)")
+            except libvirt.libvirtError as exc:
+                last = exc.get_error_message()
+            if time.monotonic() + 0.5 > deadline:
+                raise ActionError("agent-timeout", f"guest {job.name}: no answer from its "
+                                  f"guest agent within {job.timeout_s:g}s (last error: {last})")
+            if cancel.wait(0.5):
+                raise ActionError("cancelled", f"agent wait for guest {job.name} cancelled")
+
     # ------------------------------------------------------- side-thread queries
 
     def progress(self, job: Job) -> tuple[int, int] | None:
         """(processed, total) bytes of the guest's running libvirt job, if it says."""
         try:
-            dom = self.connections.get(job.uri).lookupByUUIDString(job.uuid)
+            dom = self.queries.get(job.uri).lookupByUUIDString(job.uuid)
             stats = dom.jobStats(0)
         except (libvirt.libvirtError, ActionError):
             return None
@@ -367,9 +416,39 @@ class Actions:
 
     def abort(self, job: Job) -> None:
         try:
-            self.connections.get(job.uri).lookupByUUIDString(job.uuid).abortJob()
+            self.queries.get(job.uri).lookupByUUIDString(job.uuid).abortJob()
         except (libvirt.libvirtError, ActionError) as exc:
             log.info("abort of job=%d guest=%s: %s", job.job_id, job.name, exc)
+
+
+def _read_policy(dom: Any) -> tuple[GuestPolicy | None, str]:
+    """The guest's guestwarden metadata (conf/guestpolicy.py), and why it is unusable.
+
+    None without an error when it has none, or when the driver keeps no metadata.
+    """
+    try:
+        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, guestpolicy.NAMESPACE, 0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN,
+                                    *_UNSUPPORTED):
+            return None, ""
+        raise
+    try:
+        return guestpolicy.from_xml(text), ""
+    except guestpolicy.PolicyError as exc:
+        return None, f"its guestwarden metadata is not valid ({exc}); rules and defaults apply"
+
+
+def _guest_info(uri: str, dom: Any) -> GuestInfo:
+    """One guest as ``inventory`` describes it, with one call per fact."""
+    state, _reason = dom.state()
+    policy, policy_error = _read_policy(dom)
+    persistent = bool(dom.isPersistent())
+    return GuestInfo(
+        uri=uri, uuid=dom.UUIDString(), name=dom.name(), state=_STATES.get(state, "other"),
+        persistent=persistent, has_managed_save=persistent and bool(dom.hasManagedSaveImage(0)),
+        memory_kib=int(dom.info()[2]), policy=policy, policy_error=policy_error,
+    )
 
 
 def _all_stats(conn: Any) -> list[tuple[Any, dict[str, Any]]]:
@@ -387,10 +466,65 @@ def _all_stats(conn: Any) -> list[tuple[Any, dict[str, Any]]]:
     return result
 
 
-def _quiet(fn: Callable[..., Any]) -> Callable[..., None]:
-    def run(*args: Any) -> None:
+class _ShutdownTarget:
+    """A guest as ``GracefulShutdown`` sees it: its state and the ways to ask it."""
+
+    def __init__(self, dom: Any, job: Job) -> None:
+        self._dom = dom
+        self._job = job
+        self.name = job.name or job.uuid
+
+    def state(self) -> GuestState:
+        return Actions._state(self._dom)
+
+    def press_power_button(self) -> None:
         try:
-            fn(*args)
+            self._dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
         except libvirt.libvirtError as exc:
-            log.info("agent shutdown call ended: %s", exc.get_error_message())
-    return run
+            if exc.get_error_code() not in _UNSUPPORTED:
+                raise
+            raise ModeUnsupported(exc.get_error_message()) from None
+
+    def plain_shutdown(self) -> None:
+        self._dom.shutdown()
+
+    def agent_shutdown(self) -> None:
+        """Blocks until the guest is off, so it runs on a side thread, and on a
+        connection of its own: libvirtd serves a client at most ``max_client_requests``
+        (default 5) calls at once, so blocked calls piling up on the worker's connection
+        would in the end stall the worker's own calls."""
+        try:
+            conn = libvirt.open(self._job.uri)
+            try:
+                dom = conn.lookupByUUIDString(self._job.uuid)
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+        except libvirt.libvirtError as exc:
+            # "not configured" is ARGUMENT_UNSUPPORTED: an agent failure, not the driver's
+            if exc.get_error_code() in _FLAG_REJECTED:
+                raise ModeUnsupported(exc.get_error_message()) from None
+            raise AgentFailed(exc.get_error_message()) from None
+
+
+def _clock_offset_s(dom: Any) -> float | None:
+    """The guest's clock minus the host's, read through the agent; None if the
+    driver cannot read guest clocks."""
+    try:
+        before = time.time()
+        guest = dom.getTime()
+        host = (before + time.time()) / 2
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in _UNSUPPORTED:
+            return None
+        raise
+    return float(guest["seconds"]) + float(guest["nseconds"]) / 1e9 - host
+
+
+def _synced_detail(offset_s: float | None, tries: int) -> str:
+    """``guest clock was 6.2s behind the host's; set from its RTC (2 tries)``."""
+    before = ("" if offset_s is None else
+              f"guest clock was {abs(offset_s):.1f}s "
+              f"{'behind' if offset_s < 0 else 'ahead of'} the host's; ")
+    return f"{before}set from its RTC ({tries} {'try' if tries == 1 else 'tries'})"

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 PROGRESS_INTERVAL_S = 0.5
+"""Default of ``[advanced] progress_interval``: how often a save's progress is read."""
 
 
 def in_daemon_thread(fn: Callable[[], _T], name: str) -> asyncio.Future[_T]:
@@ -78,6 +79,7 @@ class Worker:
         heartbeat_interval_s: float,
         heartbeat_timeout_s: float,
         actions: Actions,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.worker_id = worker_id
@@ -85,6 +87,7 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.actions = actions
+        self.progress_interval_s = progress_interval_s
         self.clock = clock
         self._parent = os.getppid()
         self._stopping = ""
@@ -124,7 +127,7 @@ class Worker:
             await self._send(Bye(reason=self._stopping))
             return 0
         finally:
-            self.actions.connections.close_all()
+            self.actions.close_all()
             sock.close(linger=0)
 
     def _request_stop(self, why: str) -> None:
@@ -195,7 +198,7 @@ class Worker:
 
     async def _report_progress(self, job: Job) -> None:
         while True:
-            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            await asyncio.sleep(self.progress_interval_s)
             numbers = await in_daemon_thread(lambda: self.actions.progress(job), name="progress")
             if numbers is not None:
                 await self._send(Progress(job_id=job.job_id, processed_bytes=numbers[0],
@@ -209,12 +212,13 @@ class Worker:
 
 def make_worker(
     *, worker_id: str, endpoint: str, heartbeat_interval_s: float, heartbeat_timeout_s: float,
-    connect_timeout_s: float,
+    connect_timeout_s: float, progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> Worker:
     return Worker(
         worker_id=worker_id,
         endpoint=endpoint,
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_timeout_s=heartbeat_timeout_s,
-        actions=Actions(Connections(connect_timeout_s)),
+        actions=Actions(Connections(connect_timeout_s), queries=Connections(connect_timeout_s)),
+        progress_interval_s=progress_interval_s,
     )

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,30 @@ def test_a_second_preserve_before_any_restore_forgets_nobody(
     assert {n for n, g in records.items() if g["outcome"] == "saved"} == set(names[:5])
     assert daemon.cli("restore", "--wait").returncode == 0
     assert active(test_conn) == set(names[:5])
+
+
+def test_a_guest_whose_image_would_not_fit_goes_to_its_next_action(
+    test_conn: Any, make_daemon: DaemonFactory
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="gwd-", dir="/tmp"))
+    save_dir = base / "save"
+    save_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(save_dir)],
+                   check=True)
+    try:
+        small = define_guests(test_conn, "small", running=3, memory_kib=2048)
+        big = define_guests(test_conn, "big", running=2, memory_kib=65536)
+        daemon = make_daemon(base, workers=2,
+                             shutdown={"save_dir": str(save_dir), "save_space_reserve": 1})
+        daemon.start()
+        result = daemon.cli("preserve", "--wait")
+        assert result.returncode == 0, result.stdout + result.stderr
+        records = {g["name"]: g for g in journal(daemon.state_dir)["preserve"]["guests"]}
+        assert all(records[n]["outcome"] == "saved" for n in small)
+        for name in big:
+            assert records[name]["outcome"] == "shutdown"
+            assert "not enough free space" in records[name]["attempts"][0]
+            assert "needs 64 MiB" in records[name]["attempts"][0]
+        assert with_image(test_conn) == set(small)
+    finally:
+        subprocess.run(["umount", str(save_dir)], check=True)

@@ -12,6 +12,7 @@ missing rpmbuild, rpmlint or systemd-analyze fails these tests, it never skips t
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import importlib.util
 import io
@@ -251,6 +252,33 @@ def test_rpm_holds_unit_dropin_config_package_and_entry_point(build: Build) -> N
         re.search(r"/site-packages/guestwarden-[^/]+\.dist-info/METADATA$", f) for f in files
     )
     assert query(build, "--configfiles").split() == [CONFIG_PATH]
+
+
+MANPAGE = REPO / "packaging" / "guestwarden.1"
+COMPLETION = REPO / "packaging" / "guestwarden.bash-completion"
+MANPAGE_PATH = re.compile(r"/usr/share/man/man1/guestwarden\.1(\.gz)?")
+"""Fedora's brp-compress gzips man pages; Debian's rpmbuild leaves them as they are."""
+COMPLETION_PATH = "/usr/share/bash-completion/completions/guestwarden"
+
+
+def test_rpm_holds_man_page_and_bash_completion(build: Build, payload: Path) -> None:
+    rows = query(build, "--qf", "[%{FILEMODES:perms}|%{FILENAMES}\n]").splitlines()
+    modes = {name: perms for perms, name in (row.split("|", 1) for row in rows)}
+    manpages = [name for name in modes if MANPAGE_PATH.fullmatch(name)]
+    assert len(manpages) == 1, "the man page is not in the RPM"
+    assert COMPLETION_PATH in modes, "the bash completion is not in the RPM"
+    assert modes[manpages[0]] == modes[COMPLETION_PATH] == "-rw-r--r--"
+    raw = (payload / manpages[0].lstrip("/")).read_bytes()
+    assert (gzip.decompress(raw) if manpages[0].endswith(".gz") else raw) == MANPAGE.read_bytes()
+    assert (payload / COMPLETION_PATH.lstrip("/")).read_bytes() == COMPLETION.read_bytes()
+
+
+def test_rpm_holds_every_module_of_the_package(build: Build) -> None:
+    """A subpackage without __init__.py is silently left out of the wheel."""
+    packaged = {f.split("/site-packages/", 1)[1] for f in query(build, "--list").splitlines()
+                if "/site-packages/guestwarden/" in f and f.endswith(".py")}
+    source = {str(p.relative_to(REPO)) for p in (REPO / "guestwarden").rglob("*.py")}
+    assert source <= packaged, f"not in the RPM: {sorted(source - packaged)}"
 
 
 def test_file_modes_and_flags(build: Build) -> None:

@@ -15,8 +15,10 @@ from guestwarden.ipc import messages as m
 
 JOB = m.Job(job_id=7, kind="save", uri="qemu:///system", uuid="u-1", name="web1",
             timeout_s=30.0, attempt=2, bypass_cache=True)
+POLICY = m.GuestPolicy(chain=("save", "poweroff"), order=10, shutdown_timeout=60.0,
+                       exclude=False)
 GUEST = m.GuestInfo(uri="qemu:///system", uuid="u-1", name="web1", state="paused",
-                    persistent=True, has_managed_save=False, memory_kib=131072)
+                    persistent=True, has_managed_save=False, memory_kib=131072, policy=POLICY)
 OUTCOME = m.GuestOutcome(uri="qemu:///system", uuid="u-1", name="web1", persistent=True,
                          state_before="running", chain=("save", "poweroff"), outcome="saved",
                          ok=True, finished=True, attempts=("save: saved",),
@@ -38,7 +40,10 @@ SAMPLES: dict[str, list[msgspec.Struct]] = {
         m.Bye(reason="stop"),
     ],
     "Request": [m.GetStatus(), m.ListJobs(), m.Preserve(), m.Restore(), m.Plan(),
-                m.GetRun(run_id="r"), m.SetWorkers(count=4)],
+                m.GetRun(run_id="r"), m.SetWorkers(count=4), m.Reload(),
+                m.ShowPolicy(guest="db1"), m.ClearPolicy(guest="db1", uri="qemu:///system"),
+                m.SetPolicy(guest="db1", policy=POLICY, unset=("start_delay",)),
+                m.GetMetrics()],
     "Reply": [
         m.Ok(detail="x", run_id="r"), m.Error(code="busy", message="no"),
         m.Status(state="idle", pid=1, uptime_s=1.0, workers_target=2,
@@ -49,6 +54,31 @@ SAMPLES: dict[str, list[msgspec.Struct]] = {
                                            persistent=True, chain=("save",)),),
                     errors=("u: down",)),
         m.RunReply(run=RUN),
+        m.PolicyReply(guest=m.PlannedGuest(
+            uri="u", uuid="x", name="db1", state="running", persistent=True, chain=("save",),
+            order=10, shutdown_timeout=60.0, sources={"order": "metadata"}, expected_s=1.5,
+            rank=1), metadata=POLICY, detail="metadata written"),
+        m.Reloaded(path="/etc/g.toml", changes=(m.SettingChange(
+            key="shutdown.parallel_save", old="1", new="2", live=True),)),
+        m.MetricsText(text="guestwarden_up 1\n"),
+    ],
+    "Event": [
+        m.Subscribed(pid=7), m.RunStarted(seq=1, at=1.5, run_id="r", kind="preserve"),
+        m.RunPlanned(seq=2, run_id="r", kind="preserve", guests=(OUTCOME,)),
+        m.GuestActionStarted(seq=3, run_id="r", job_id=1, uri="u", uuid="x", name="g",
+                             action="save", attempt=2, worker_id="w1"),
+        m.GuestActionProgress(seq=4, run_id="r", job_id=1, uri="u", uuid="x", name="g",
+                              action="save", processed_bytes=10, total_bytes=100),
+        m.GuestActionFinished(seq=5, run_id="r", job_id=1, uri="u", uuid="x", name="g",
+                              action="save", result="saved", elapsed_s=0.4),
+        m.GuestActionFailed(seq=6, run_id="r", job_id=2, uri="u", uuid="x", name="g",
+                            action="shutdown", reason="timeout", detail="still on"),
+        m.GuestFinished(seq=7, run_id="r", guest=OUTCOME),
+        m.RunFinished(seq=8, run_id="r", kind="preserve", ok=True, detail="1/1", run=RUN),
+        m.WorkerSpawned(seq=9, worker_id="w2", pid=3),
+        m.WorkerLost(seq=10, worker_id="w2", pid=3, reason="killed by SIGKILL"),
+        m.WorkerRetired(seq=11, worker_id="w1", pid=2, reason="exited with status 0"),
+        m.InhibitorChanged(seq=12, state="held", detail="logind delays shutdown"),
     ],
 }
 DECODERS = {
@@ -56,6 +86,7 @@ DECODERS = {
     "FromWorker": codec.decode_from_worker,
     "Request": codec.decode_request,
     "Reply": codec.decode_reply,
+    "Event": codec.decode_event,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from pathlib import Path
 
 import msgspec
@@ -12,6 +13,7 @@ from guestwarden.conf.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROW = re.compile(r"^\| `(?:\[(?P<section>\w+)\] )?(?P<key>\w+)` \| `(?P<default>[^`]*)` \|")
+TABLE_ROW = re.compile(r"^\| `\[\[(?P<table>\w+)\]\] (?P<key>\w+)` \|")
 
 
 def schema_defaults() -> dict[str, object]:
@@ -25,8 +27,28 @@ def schema_defaults() -> dict[str, object]:
     return out
 
 
+def table_list_keys() -> set[str]:
+    """``rules.match`` and the like: the keys of each list of tables (``[[rules]]``)."""
+    keys = set()
+    hints = typing.get_type_hints(Settings)
+    for field in msgspec.structs.fields(Settings):
+        item = typing.get_args(hints[field.name])
+        if item and isinstance(item[0], type) and issubclass(item[0], msgspec.Struct):
+            keys |= {f"{field.name}.{f.name}" for f in msgspec.structs.fields(item[0])}
+    return keys
+
+
+def readme_table_rows() -> set[str]:
+    return {f"{m['table']}.{m['key']}" for m in map(TABLE_ROW.match, _section().splitlines())
+            if m}
+
+
+def _section() -> str:
+    return README.read_text().split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+
+
 def readme_rows() -> dict[str, str]:
-    section = README.read_text().split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    section = _section()
     rows = {}
     for line in section.splitlines():
         match = ROW.match(line)
@@ -46,3 +68,7 @@ def test_documented_defaults_are_the_real_ones() -> None:
         documented = tomllib.loads(f"v = {rows[key]}")["v"]
         expected = list(default) if isinstance(default, tuple) else default
         assert documented == expected, key
+
+
+def test_every_key_of_a_list_of_tables_is_documented() -> None:
+    assert readme_table_rows() == table_list_keys()
