@@ -30,7 +30,7 @@ from guestwarden.supervisor.ordering import Handout, handout, preserve_groups
 from guestwarden.supervisor.plan import ActionBounds, action_timeout_s
 from guestwarden.supervisor.policy import EffectivePolicy, resolve_policy
 from guestwarden.supervisor.recovery import remembered
-from guestwarden.supervisor.runs import JobService, Run, describe_result
+from guestwarden.supervisor.runs import JobService, JournaledRun, describe_result
 from guestwarden.supervisor.space import SpaceBudget
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ async def take_inventory(
     return guests, errors
 
 
-class PreserveRun(Run):
+class PreserveRun(JournaledRun):
     kind = "preserve"
 
     def __init__(
@@ -77,17 +77,12 @@ class PreserveRun(Run):
         clock: Callable[[], float] = time.monotonic,
         workers: int = 0,
     ) -> None:
-        super().__init__(jobs, wall_clock)
-        self.settings = settings
-        self.journal = journal
-        self.journal_data = journal_data
-        self.boot_id = boot_id
+        super().__init__(jobs, settings, journal, journal_data, boot_id, wall_clock)
         self.clock = clock
         self.workers = workers
         """The pool's size (0: unknown): how far ``parallel_save = "auto"`` may climb."""
         self.policies: dict[str, EffectivePolicy] = {}
         self.learned: Learned | None = None
-        self.on_journal: Callable[[JournalData], None] = lambda _data: None
         shutdown = settings.shutdown
         self.space = SpaceBudget(shutdown.save_dir, shutdown.save_space_reserve)
         self.memory_bytes: dict[str, int] = {}

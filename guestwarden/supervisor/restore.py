@@ -29,7 +29,7 @@ from guestwarden.ipc.messages import GuestOutcome, JobDone
 from guestwarden.supervisor.journal import Journal, JournalData, guest_key
 from guestwarden.supervisor.learned import Learned, learn
 from guestwarden.supervisor.ordering import groups
-from guestwarden.supervisor.runs import JobService, Run
+from guestwarden.supervisor.runs import JobService, JournaledRun
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def restore_candidates(data: JournalData) -> list[GuestOutcome]:
     ]
 
 
-class RestoreRun(Run):
+class RestoreRun(JournaledRun):
     kind = "restore"
 
     def __init__(
@@ -92,13 +92,8 @@ class RestoreRun(Run):
         automatic: bool = False,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(jobs, wall_clock)
-        self.settings = settings
-        self.journal = journal
-        self.journal_data = journal_data
-        self.boot_id = boot_id
+        super().__init__(jobs, settings, journal, journal_data, boot_id, wall_clock)
         self.automatic = automatic
-        self.on_journal: Callable[[JournalData], None] = lambda _data: None
         self.learned: Learned | None = None
 
     def write_journal(self) -> None:

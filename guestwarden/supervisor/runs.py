@@ -17,7 +17,9 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from guestwarden.conf.settings import Settings
 from guestwarden.ipc.messages import GuestOutcome, Job, JobDone, JobFailed, JobKind, RunStatus
+from guestwarden.supervisor.journal import Journal, JournalData
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +139,23 @@ def describe_result(result: JobDone | JobFailed) -> str:
     if isinstance(result, JobDone):
         return result.result
     return f"failed ({result.reason})" + (f": {result.detail}" if result.detail else "")
+
+
+class JournaledRun(Run):
+    """A run that records itself in the journal: preserve and restore."""
+
+    def __init__(
+        self,
+        jobs: JobService,
+        settings: Settings,
+        journal: Journal,
+        journal_data: Callable[[], JournalData],
+        boot_id: str,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(jobs, wall_clock)
+        self.settings = settings
+        self.journal = journal
+        self.journal_data = journal_data
+        self.boot_id = boot_id
+        self.on_journal: Callable[[JournalData], None] = lambda _data: None
