@@ -252,6 +252,9 @@ def test_rpm_holds_unit_dropin_config_package_and_entry_point(build: Build) -> N
         re.search(r"/site-packages/guestwarden-[^/]+\.dist-info/METADATA$", f) for f in files
     )
     assert query(build, "--configfiles").split() == [CONFIG_PATH]
+    # %license: the MIT text of pyproject.toml's license travels with the package.
+    licenses = query(build, "--qf", "[%{FILEFLAGS:fflags}|%{FILENAMES}\n]").splitlines()
+    assert "l|/usr/share/licenses/guestwarden/LICENSE" in licenses
 
 
 MANPAGE = REPO / "packaging" / "guestwarden.1"
