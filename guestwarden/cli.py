@@ -41,6 +41,7 @@ from guestwarden.policy_cli import (
     plan_lines,
     policy_lines,
     policy_request,
+    table,
 )
 
 
@@ -234,9 +235,7 @@ def _run_state(run: RunStatus) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print("\n".join(table(rows)))
 
 
 # ---------------------------------------------------------------------- plan
