@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 
 import zmq
@@ -66,7 +66,7 @@ from guestwarden.supervisor.capacity import host_resources, worker_count
 from guestwarden.supervisor.control import ControlServer
 from guestwarden.supervisor.dispatcher import Dispatcher, Effect, JobFinished, KillWorker, SendTo
 from guestwarden.supervisor.dueling import DuelingGuard, DuelingSources, RefusedRun
-from guestwarden.supervisor.forecast import build_plan
+from guestwarden.supervisor.forecast import Forecast, build_plan, forecast_guests
 from guestwarden.supervisor.host import HostIntegration, progress_line
 from guestwarden.supervisor.journal import Journal, JournalData
 from guestwarden.supervisor.monitor import Monitor
@@ -545,6 +545,12 @@ class Supervisor:
 
     async def inventory(self) -> tuple[list[GuestInfo], list[str]]:
         return await take_inventory(self._jobs(), self.settings)
+
+    def forecast(self, guests: Sequence[GuestInfo], delay_max_s: float | None) -> Forecast:
+        """plan's estimate of a preserve of ``guests`` now (host.py compares it with
+        logind's limit)."""
+        return forecast_guests(guests, self.settings, self.journal_data.learned,
+                               workers=self.pool.target, delay_max_s=delay_max_s)
 
     def status_line(self) -> str:
         return progress_line(self.state, self.current or (self.runs[-1] if self.runs else None),

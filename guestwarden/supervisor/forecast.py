@@ -31,7 +31,7 @@ from guestwarden.supervisor.estimate import SAVE_BYTES_PER_S, delay_warning
 from guestwarden.supervisor.journal import guest_key
 from guestwarden.supervisor.learned import Learned
 from guestwarden.supervisor.ordering import Handout, handout, preserve_groups
-from guestwarden.supervisor.policy import resolve_policy
+from guestwarden.supervisor.policy import EffectivePolicy, resolve_policy
 
 STOP_BUDGET_S = 1800.0
 """systemd's JobTimeoutSec of poweroff.target and reboot.target (30 min)."""
@@ -106,17 +106,35 @@ def forecast_preserve(
     return Forecast(total_s=total, groups=tuple(rows), basis=basis, warnings=tuple(warnings))
 
 
+def _handouts(
+    guests: Sequence[GuestInfo], settings: Settings, learned: Learned,
+) -> tuple[dict[str, EffectivePolicy], list[tuple[int, list[Handout]]]]:
+    """Each guest's policy, and the guests with a chain in the groups and turn preserve
+    would hand them out in."""
+    policies = {guest_key(g.uri, g.uuid): resolve_policy(g, settings) for g in guests}
+    handouts = [handout(guest_key(g.uri, g.uuid), g.name, policies[guest_key(g.uri, g.uuid)],
+                        g.memory_kib * 1024, learned)
+                for g in guests if policies[guest_key(g.uri, g.uuid)].chain]
+    return policies, preserve_groups(handouts)
+
+
+def forecast_guests(
+    guests: Sequence[GuestInfo], settings: Settings, learned: Learned,
+    *, workers: int, delay_max_s: float | None,
+) -> Forecast:
+    """The estimate of a preserve of these guests now. ``status`` (host.py, compared with
+    logind's limit) and ``plan`` both use it, so that they never disagree."""
+    _, plan = _handouts(guests, settings, learned)
+    return forecast_preserve(plan, settings, learned, workers, delay_max_s)
+
+
 def build_plan(
     guests: Sequence[GuestInfo], errors: Sequence[str], settings: Settings, learned: Learned,
     *, workers: int, delay_max_s: float | None,
 ) -> PlanReply:
     """What preserve would do now: each guest's values and their sources, its expected
     time and turn, and the whole estimate with its warnings."""
-    policies = {guest_key(g.uri, g.uuid): resolve_policy(g, settings) for g in guests}
-    handouts = [handout(guest_key(g.uri, g.uuid), g.name, policies[guest_key(g.uri, g.uuid)],
-                        g.memory_kib * 1024, learned)
-                for g in guests if policies[guest_key(g.uri, g.uuid)].chain]
-    plan = preserve_groups(handouts)
+    policies, plan = _handouts(guests, settings, learned)
     turn = [h for _, items in plan for h in items]
     rank = {h.key: number for number, h in enumerate(turn, 1)}
     expected = {h.key: h.expected_s for h in turn}

@@ -8,8 +8,8 @@ the supervisor what involves them:
   hostshutdown.py for how a host shutdown is recognised);
 * keeps systemd's ``STATUS=`` current, pings the watchdog, sends
   ``EXTEND_TIMEOUT_USEC`` while a preserve runs;
-* estimates how long a preserve would take (estimate.py) whenever logind's delay
-  limit is known, and warns when the limit is shorter.
+* estimates how long a preserve would take (forecast.py, the same estimate as
+  ``plan``) whenever logind's delay limit is known, and warns when the limit is shorter.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 from guestwarden.conf.settings import Settings
 from guestwarden.ipc.messages import GuestInfo, JobStatus
-from guestwarden.supervisor.estimate import delay_warning, estimate_preserve_s
+from guestwarden.supervisor.estimate import delay_warning
+from guestwarden.supervisor.forecast import Forecast
 from guestwarden.supervisor.hostshutdown import host_shutdown_verdict
 from guestwarden.supervisor.inhibitor import Inhibitor
 from guestwarden.supervisor.plan import chain_for
@@ -53,6 +54,8 @@ class HostedSupervisor(Protocol):
     async def preserve_and_wait(self) -> Run: ...
 
     async def inventory(self) -> tuple[list[GuestInfo], list[str]]: ...
+
+    def forecast(self, guests: Sequence[GuestInfo], delay_max_s: float | None) -> Forecast: ...
 
 
 def job_phrase(job: JobStatus) -> str:
@@ -190,7 +193,7 @@ class HostIntegration:
 
     def update_estimate(self, guests: Sequence[GuestInfo], delay_max_s: float | None) -> None:
         settings = self.supervisor.settings
-        self.estimate_s = estimate_preserve_s(guests, settings)
+        self.estimate_s = self.supervisor.forecast(guests, delay_max_s).total_s
         acting = sum(1 for g in guests if chain_for(g, settings))
         warning = delay_warning(delay_max_s, self.estimate_s, acting)
         if warning != self.warning:
