@@ -81,7 +81,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from xml.sax.saxutils import escape, quoteattr
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump whenever anything that ends up in the image changes: forces a rebuild."""
 
 CACHE_ENV = "GUESTWARDEN_IMAGE_CACHE"
@@ -707,7 +707,11 @@ done
 
 power_button() { grep -qx "Power Button" /sys/class/input/event*/device/name 2>/dev/null; }
 if wait_until 50 power_button; then
+    # acpid goes to the background before it opens the input devices and writes its
+    # pid file after: a power button pressed before that is lost (seen under load with
+    # gw.no_agent=1, where nothing else delays READY), so READY waits for the file
     acpid -c /etc/acpi -l /run/acpid.log -p /run/acpid.pid || say "@ERROR@ acpid failed"
+    wait_until 100 test -s /run/acpid.pid || say "@ERROR@ acpid is not listening"
 else
     say "@ERROR@ no Power Button input device: acpid not started"
 fi

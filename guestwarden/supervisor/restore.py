@@ -96,18 +96,16 @@ class RestoreRun(JournaledRun):
         self.automatic = automatic
         self.learned: Learned | None = None
 
-    def write_journal(self) -> None:
+    def journal_record(self) -> JournalData:
         data = self.journal_data()
         brought_back = {k for k, g in self.guests.items() if g.finished and g.ok}
-        data = msgspec.structs.replace(
+        return msgspec.structs.replace(
             data,
             restore=self.status(),
             restored=tuple(sorted(set(data.restored) | brought_back)),
             restore_boot_id=self.boot_id if self.automatic else data.restore_boot_id,
             learned=self.learned or data.learned,
         )
-        self.journal.save(data)
-        self.on_journal(data)
 
     async def execute(self) -> None:
         for g in restore_candidates(self.journal_data()):

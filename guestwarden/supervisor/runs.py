@@ -2,8 +2,8 @@
 
 A run keeps one ``GuestOutcome`` per guest and replaces it (the Structs are frozen)
 as the guest moves through its actions. The journal is written when the guests are
-known, at most every ``JOURNAL_INTERVAL_S`` while the run goes on, and at the end,
-always before the run reports that it is done.
+known, at most every ``JOURNAL_INTERVAL_S`` while the run goes on (off the loop, on
+the journal's thread), and at the end, always before the run reports that it is done.
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ class Run:
     def write_journal(self) -> None:
         raise NotImplementedError
 
+    async def flush_journal(self) -> None:
+        """The periodic write while the run goes on (JournaledRun: off the loop)."""
+        self.write_journal()
+
     async def execute(self) -> None:
         raise NotImplementedError
 
@@ -132,7 +136,7 @@ class Run:
             await asyncio.sleep(JOURNAL_INTERVAL_S)
             if self._dirty:
                 self._dirty = False
-                self.write_journal()
+                await self.flush_journal()
 
 
 def describe_result(result: JobDone | JobFailed) -> str:
@@ -159,3 +163,19 @@ class JournaledRun(Run):
         self.journal_data = journal_data
         self.boot_id = boot_id
         self.on_journal: Callable[[JournalData], None] = lambda _data: None
+
+    def journal_record(self) -> JournalData:
+        """The journal as it should be now: the last one with this run written in."""
+        raise NotImplementedError
+
+    def write_journal(self) -> None:
+        data = self.journal_record()
+        self.journal.save(data)
+        self.on_journal(data)
+
+    async def flush_journal(self) -> None:
+        # the record is taken here, on the loop; the Structs are frozen, so the
+        # journal's thread encodes a consistent snapshot while the run goes on
+        data = self.journal_record()
+        await asyncio.wrap_future(self.journal.save_in_background(data))
+        self.on_journal(data)

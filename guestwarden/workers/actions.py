@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
+import msgspec
 
 from guestwarden.conf import guestpolicy
 from guestwarden.ipc.messages import GuestInfo, GuestPolicy, GuestState, Job
@@ -57,6 +58,8 @@ _UNSUPPORTED = frozenset(
         libvirt.VIR_ERR_INVALID_ARG,
     }
 )
+_MAX_RERUNS = 3
+"""How many times an action runs again after its connection died (Actions.run)."""
 # a driver that does not know a flag at all (the test driver: "unsupported flags")
 _FLAG_REJECTED = frozenset({libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG})
 
@@ -132,6 +135,18 @@ class Connections:
         for uri in list(self._open):
             self.drop(uri)
 
+    def lost(self, uri: str, exc: libvirt.libvirtError) -> bool:
+        """Whether ``exc`` means that the connection to ``uri`` died (libvirtd was
+        restarted or crashed); if so it is dropped, so the next ``get`` opens a new one."""
+        if exc.get_error_code() not in _CONNECTION_ERRORS:
+            return False
+        with self._lock:
+            conn = self._open.get(uri)
+        if conn is None or _alive(conn):
+            return False
+        self.drop(uri)
+        return True
+
     def call(self, uri: str, fn: Callable[[Any], _T], cancel: threading.Event | None = None) -> _T:
         """Run ``fn(conn)``; if the connection died under it, reconnect and run it once more."""
         conn = self.get(uri, cancel)
@@ -182,10 +197,32 @@ class Actions:
             "policy_set": self.policy_set,
             "agent_wait": self.agent_wait,
         }[job.kind]
-        try:
-            return handler(job, cancel)
-        except libvirt.libvirtError as exc:
-            raise ActionError("libvirt-error", _describe(job, exc)) from None
+        # libvirtd going away under the action (restarted, crashed) is not the guest's
+        # failure: failing would move it to the next action of its chain (a guest
+        # shutting down would be powered off, a save libvirtd finished would be
+        # reported as a mere "already-off"). Every action is idempotent, so it runs
+        # again on a new connection (Connections.get's bounded backoff waits for
+        # libvirtd) with the time it has left: a save libvirtd finished on its way down
+        # is found saved, one it cancelled on its restart (the guest runs again) is
+        # redone, a shutdown goes on waiting. Up to _MAX_RERUNS times: a connection
+        # opened while libvirtd restarts may die too (seen in tests: one opened during a
+        # restart broke at its first call); the dispatcher's deadline bounds it all.
+        started = time.monotonic()
+        attempt = job
+        reruns = 0
+        while True:
+            try:
+                return handler(attempt, cancel)
+            except libvirt.libvirtError as exc:
+                reruns += 1
+                if (reruns > _MAX_RERUNS or cancel.is_set()
+                        or not self.connections.lost(job.uri, exc)):
+                    raise ActionError("libvirt-error", _describe(job, exc)) from None
+                log.warning("job=%d %s guest=%s: connection to %s lost (%s): reconnecting "
+                            "and running the action again", job.job_id, job.kind, job.name,
+                            job.uri, exc.get_error_message())
+            left_s = max(0.1, job.timeout_s - (time.monotonic() - started))
+            attempt = msgspec.structs.replace(job, timeout_s=left_s)
 
     # ------------------------------------------------------------------ helpers
 
@@ -203,13 +240,7 @@ class Actions:
 
     @staticmethod
     def _state(dom: Any) -> GuestState:
-        try:
-            code = dom.state()[0]
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return "shutoff"  # a transient guest disappears when it stops
-            raise
-        return _STATES.get(code, "other")
+        return _STATES.get(_state_code(dom), "other")
 
     # ------------------------------------------------------------------ actions
 
@@ -287,6 +318,15 @@ class Actions:
         if dom is None:
             raise ActionError("not-found", f"start of guest {job.name}: guest is not defined")
         state = self._state(dom)
+        if state in ("running", "paused") and job.attempt > 1:
+            # A re-dispatch (the worker of an earlier attempt died or was killed): that
+            # attempt started the guest. On drivers without START_PAUSED it may have died
+            # between the start and the pause below, so finish the job rather than
+            # leave a guest that was paused before preserve running.
+            if job.start_paused and state == "running":
+                dom.suspend()
+            return ActionResult("restored" if job.expect_managed_save else "started",
+                                f"now {self._state(dom)} (started by an earlier attempt)")
         if state in ("running", "paused"):
             return ActionResult("already-running", f"guest was already {state}")
         has_image = bool(dom.hasManagedSaveImage(0))
@@ -405,9 +445,10 @@ class Actions:
 
     def progress(self, job: Job) -> tuple[int, int] | None:
         """(processed, total) bytes of the guest's running libvirt job, if it says."""
+        # queries.call, not get: after a libvirtd restart the cached connection is dead
         try:
-            dom = self.queries.get(job.uri).lookupByUUIDString(job.uuid)
-            stats = dom.jobStats(0)
+            stats = self.queries.call(
+                job.uri, lambda c: c.lookupByUUIDString(job.uuid).jobStats(0))
         except (libvirt.libvirtError, ActionError):
             return None
         total = int(stats.get("data_total", 0) or stats.get("memory_total", 0))
@@ -415,8 +456,8 @@ class Actions:
         return (done, total) if total else None
 
     def abort(self, job: Job) -> None:
-        try:
-            self.queries.get(job.uri).lookupByUUIDString(job.uuid).abortJob()
+        try:  # call, not get: a dead connection (libvirtd restarted) is opened again
+            self.queries.call(job.uri, lambda c: c.lookupByUUIDString(job.uuid).abortJob())
         except (libvirt.libvirtError, ActionError) as exc:
             log.info("abort of job=%d guest=%s: %s", job.job_id, job.name, exc)
 
@@ -466,16 +507,55 @@ def _all_stats(conn: Any) -> list[tuple[Any, dict[str, Any]]]:
     return result
 
 
+def _state_code(dom: Any) -> int:
+    """libvirt's state code of the guest; a transient guest that is gone is shut off."""
+    try:
+        return int(dom.state()[0])
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return int(libvirt.VIR_DOMAIN_SHUTOFF)  # a transient guest disappears when it stops
+        raise
+
+
+STOPPING_RECHECK_S = 0.5
+"""How long after the guest is first seen in libvirt's SHUTDOWN state its state is
+read again every STOPPING_POLL_S (see _ShutdownTarget.state)."""
+STOPPING_POLL_S = 0.01
+
+
 class _ShutdownTarget:
     """A guest as ``GracefulShutdown`` sees it: its state and the ways to ask it."""
 
-    def __init__(self, dom: Any, job: Job) -> None:
+    def __init__(self, dom: Any, job: Job, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._dom = dom
         self._job = job
         self.name = job.name or job.uuid
+        self._clock = clock
+        self._sleep = sleep
+        self._stopping_since: float | None = None
 
     def state(self) -> GuestState:
-        return Actions._state(self._dom)
+        """The guest's state; read again at once while libvirt is ending its QEMU.
+
+        When the guest has powered off, libvirt's qemu driver says SHUTDOWN while it
+        ends QEMU: about 0.2 s in libvirt 9.0, and a state read made then waits for
+        that and still says SHUTDOWN (measured: bench/makespan.py). The wait's next
+        read would come a whole poll interval (0.1 s) later, added to every graceful
+        shutdown and so to every slot a bounded preserve hands on; so for a short while
+        after SHUTDOWN is first seen the state is read again every STOPPING_POLL_S.
+        Bounded by STOPPING_RECHECK_S for drivers that stay in SHUTDOWN longer.
+        """
+        while True:
+            code = _state_code(self._dom)
+            if code != libvirt.VIR_DOMAIN_SHUTDOWN:
+                return _STATES.get(code, "other")
+            now = self._clock()
+            if self._stopping_since is None:
+                self._stopping_since = now
+            if now - self._stopping_since >= STOPPING_RECHECK_S:
+                return _STATES[code]
+            self._sleep(STOPPING_POLL_S)
 
     def press_power_button(self) -> None:
         try:
