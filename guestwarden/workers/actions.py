@@ -135,13 +135,15 @@ class Connections:
         for uri in list(self._open):
             self.drop(uri)
 
-    def lost(self, uri: str, exc: libvirt.libvirtError) -> bool:
+    def lost(self, uri: str, exc: libvirt.libvirtError, conn: Any = None) -> bool:
         """Whether ``exc`` means that the connection to ``uri`` died (libvirtd was
-        restarted or crashed); if so it is dropped, so the next ``get`` opens a new one."""
+        restarted or crashed); if so it is dropped, so the next ``get`` opens a new one.
+        ``conn`` is the connection the failed call used (default: the one open now)."""
         if exc.get_error_code() not in _CONNECTION_ERRORS:
             return False
-        with self._lock:
-            conn = self._open.get(uri)
+        if conn is None:
+            with self._lock:
+                conn = self._open.get(uri)
         if conn is None or _alive(conn):
             return False
         self.drop(uri)
@@ -153,10 +155,9 @@ class Connections:
         try:
             return fn(conn)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() not in _CONNECTION_ERRORS or _alive(conn):
+            if not self.lost(uri, exc, conn):
                 raise
             log.warning("connection to %s lost (%s): reconnecting", uri, exc.get_error_message())
-            self.drop(uri)
             return fn(self.get(uri, cancel))
 
 

@@ -37,3 +37,19 @@ def make_daemon(libvirtd: IsolatedLibvirtd) -> Iterator[DaemonFactory]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def started_daemons(uri: str) -> Iterator[DaemonFactory]:
+    """For a fixture: a factory of daemons on ``uri`` that are started at once, on short
+    paths; at teardown each is stopped by pid and its directory removed."""
+    made: list[GuestwardenDaemon] = []
+
+    def factory(**kwargs: Any) -> GuestwardenDaemon:
+        base = Path(tempfile.mkdtemp(prefix="gwd-", dir="/tmp"))
+        daemon = GuestwardenDaemon(base, [uri], **kwargs)
+        made.append(daemon)
+        daemon.start()
+        return daemon
+
+    yield factory
+    for daemon in made:
+        daemon.stop()
+        shutil.rmtree(daemon.base_dir, ignore_errors=True)

@@ -39,10 +39,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +59,7 @@ from testbed.qemuguests import (
     wait_ready,
 )
 from tests.conftest import isolated_libvirtd, require_libvirtd
+from tests.integration.conftest import DaemonFactory, started_daemons
 
 pytestmark = pytest.mark.libvirtd
 
@@ -74,7 +73,6 @@ SPECS = tuple(
 NAMES = tuple(spec.name for spec in SPECS)
 RUN_TIMEOUT_S = 120.0
 
-DaemonFactory = Callable[..., GuestwardenDaemon]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -164,19 +162,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 @pytest.fixture
 def make_daemon(lab: Lab) -> Iterator[DaemonFactory]:
     """Daemons on the module's libvirtd, on short paths, stopped by pid at teardown."""
-    made: list[GuestwardenDaemon] = []
-
-    def factory(**kwargs: Any) -> GuestwardenDaemon:
-        base = Path(tempfile.mkdtemp(prefix="gwd-", dir="/tmp"))
-        daemon = GuestwardenDaemon(base, [lab.libvirtd.qemu_uri], **kwargs)
-        made.append(daemon)
-        daemon.start()
-        return daemon
-
-    yield factory
-    for daemon in made:
-        daemon.stop()
-        shutil.rmtree(daemon.base_dir, ignore_errors=True)
+    yield from started_daemons(lab.libvirtd.qemu_uri)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import libvirt
@@ -57,6 +54,7 @@ from testbed.qemuguests import (
     wait_ready,
 )
 from tests.conftest import require_libvirtd
+from tests.integration.conftest import DaemonFactory, started_daemons
 
 pytestmark = pytest.mark.libvirtd
 
@@ -76,7 +74,6 @@ DOWNTIME_S = 6.0
 RUN_TIMEOUT_S = 120.0
 
 Guests = dict[str, QemuGuest]
-DaemonFactory = Callable[..., GuestwardenDaemon]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -112,19 +109,7 @@ def guests(
 @pytest.fixture
 def make_daemon(libvirtd: IsolatedLibvirtd) -> Iterator[DaemonFactory]:
     """Daemons on the qemu driver, on short paths, stopped by pid at teardown."""
-    made: list[GuestwardenDaemon] = []
-
-    def factory(**kwargs: Any) -> GuestwardenDaemon:
-        base = Path(tempfile.mkdtemp(prefix="gwd-", dir="/tmp"))
-        daemon = GuestwardenDaemon(base, [libvirtd.qemu_uri], **kwargs)
-        made.append(daemon)
-        daemon.start()
-        return daemon
-
-    yield factory
-    for daemon in made:
-        daemon.stop()
-        shutil.rmtree(daemon.base_dir, ignore_errors=True)
+    yield from started_daemons(libvirtd.qemu_uri)
 
 
 # --------------------------------------------------------------------------- helpers
