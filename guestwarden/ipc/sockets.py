@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -41,6 +41,17 @@ def configure(sock: zmq.Socket[Any], *, max_message_bytes: int) -> None:
     if sock.socket_type == zmq.ROUTER:
         # an unroutable reply raises instead of vanishing silently
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+
+def has_input(sock: zmq.Socket[Any]) -> bool:
+    """Whether a frame is waiting on an open ``sock``.
+
+    Readers driven by the socket's fd (``loop.add_reader``) must ask this: ZeroMQ's fd
+    is edge-triggered, it signals that the socket's state may have changed, and any
+    operation on the socket, a send too, may consume that signal. So a reader reads
+    until this says no, and a sender looks again after sending.
+    """
+    return not sock.closed and bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 @contextmanager

@@ -61,6 +61,7 @@ from guestwarden.ipc.sockets import (
     WORKER_MAX_MESSAGE_BYTES,
     WORKER_SOCKET,
     configure,
+    has_input,
     private_umask,
 )
 from guestwarden.supervisor.capacity import host_resources, worker_count
@@ -281,15 +282,11 @@ class Supervisor:
             await asyncio.sleep(1.0)
 
     def _drain_workers(self) -> None:
-        """Handle every frame waiting on the router.
-
-        ZeroMQ's fd is edge-triggered: it becomes readable when the socket's state may
-        have changed, and any operation on the socket, a send too, may consume that
-        signal. So this reads until the socket says nothing is left, and ``_apply``
-        looks again after its sends.
-        """
+        """Handle every frame waiting on the router: until ``has_input`` says none is
+        left (ZeroMQ's fd is edge-triggered, see there), and once more at the end,
+        after the sends of ``_apply``."""
         router = self.router
-        while not router.closed and cast(int, router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while has_input(router):
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -351,7 +348,7 @@ class Supervisor:
                     future = self._futures.pop(job.job_id, None)
                     if future is not None and not future.done():
                         future.set_result(result)
-        if not self.router.closed and cast(int, self.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        if has_input(self.router):
             asyncio.get_running_loop().call_soon(self._drain_workers)
 
     # ------------------------------------------------------------------ jobs

@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -51,7 +51,7 @@ from guestwarden.ipc.messages import (
     WorkerRetired,
     WorkerSpawned,
 )
-from guestwarden.ipc.sockets import private_umask
+from guestwarden.ipc.sockets import has_input, private_umask
 from guestwarden.supervisor.runs import Run
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class EventPublisher:
         sock = self._sock
         if sock is None:
             return
-        while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while has_input(sock):
             notice = sock.recv(zmq.NOBLOCK)
             if notice[:1] == b"\x01":
                 self.subscribers += 1

@@ -41,7 +41,7 @@ from guestwarden.ipc.messages import (
     Ready,
     Stop,
 )
-from guestwarden.ipc.sockets import configure
+from guestwarden.ipc.sockets import configure, has_input
 from guestwarden.workers.actions import ActionError, ActionResult, Actions, Connections
 from guestwarden.workers.threads import ActionThread, deliver, in_daemon_thread
 
@@ -140,17 +140,13 @@ class Worker:
         self._nudge()
 
     def _receive(self) -> None:
-        """Handle every frame waiting on the socket.
-
-        ZeroMQ's fd is edge-triggered: it becomes readable when the socket's state may
-        have changed, and any operation on the socket, a send too, may consume that
-        signal. So this reads until the socket itself says nothing is left, every send
-        looks again (``_flush``), and the main loop calls it once a turn as well.
-        """
+        """Handle every frame waiting on the socket: until ``has_input`` says none is
+        left (ZeroMQ's fd is edge-triggered, see there); every send looks again
+        (``_flush``), and the main loop calls it once a turn as well."""
         sock = self._socket
         if sock is None or sock.closed:
             return
-        while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while has_input(sock):
             try:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -249,7 +245,7 @@ class Worker:
                 break
             self._outbox.popleft()
             self._last_sent = self.clock()
-        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN and self._loop is not None:
+        if has_input(sock) and self._loop is not None:
             self._loop.call_soon(self._receive)  # a frame came in; its fd signal may be gone
 
 
