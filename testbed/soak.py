@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from guestwarden.workers.actions import STARTED_BY_EARLIER_ATTEMPT
 from testbed.daemon import GuestwardenDaemon
 from testbed.guests import define_guests, remove_all
 from testbed.libvirtd import IsolatedLibvirtd, find_requirement_problems
@@ -94,11 +95,12 @@ def one_round(daemon: GuestwardenDaemon, conn: Any, chaos_period_s: float,
     run = journal["restore"] or {"guests": []}
     names = Counter(g["name"] for g in run["guests"])
     problems["handled twice"] += sum(n - 1 for n in names.values() if n > 1)
-    # a start whose worker died after libvirt started the guest is dispatched again
-    # and finds it running: one start as far as the guest is concerned, counted apart
+    # a start whose worker died after libvirt started the guest is dispatched again,
+    # finds it started and finishes it (actions.py): one start as far as the guest is
+    # concerned, counted apart
     problems["starts re-dispatched"] += sum(
         1 for g in run["guests"]
-        if g["outcome"].startswith("already-running") and after_preserve.get(g["name"]) == "shutoff"
+        if STARTED_BY_EARLIER_ATTEMPT in g["detail"] and after_preserve.get(g["name"]) == "shutoff"
     )
     problems["worker kills"] += chaos.kills
     if preserve.returncode or restore.returncode:

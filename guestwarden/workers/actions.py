@@ -58,6 +58,9 @@ _UNSUPPORTED = frozenset(
         libvirt.VIR_ERR_INVALID_ARG,
     }
 )
+STARTED_BY_EARLIER_ATTEMPT = "started by an earlier attempt"
+"""In the detail of a re-dispatched start that found the guest started (testbed/soak.py
+counts these)."""
 _MAX_RERUNS = 3
 """How many times an action runs again after its connection died (Actions.run)."""
 # a driver that does not know a flag at all (the test driver: "unsupported flags")
@@ -327,7 +330,7 @@ class Actions:
             if job.start_paused and state == "running":
                 dom.suspend()
             return ActionResult("restored" if job.expect_managed_save else "started",
-                                f"now {self._state(dom)} (started by an earlier attempt)")
+                                f"now {self._state(dom)} ({STARTED_BY_EARLIER_ATTEMPT})")
         if state in ("running", "paused"):
             return ActionResult("already-running", f"guest was already {state}")
         has_image = bool(dom.hasManagedSaveImage(0))
