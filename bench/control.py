@@ -41,6 +41,7 @@ from guestwarden.ipc.client import ControlClient
 from guestwarden.ipc.messages import GetStatus, Status
 from testbed.daemon import wait_for
 from testbed.qemuguests import GuestSpec, power_off
+from testbed.scale import cpu_s
 
 SECTION = "control"
 P99_TARGET_MS = 10.0
@@ -69,11 +70,6 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
-
-
-def _cpu_s(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
 
 
 def _in_flight(status: Status) -> int:
@@ -130,13 +126,13 @@ def _measure(fleet: Fleet, sizes: Sizes) -> dict[str, Any]:
     workers = fleet.daemon.worker_pids()
     supervisor_rss = _rss(supervisor)
     worker_rss = [_rss(pid) for pid in workers]
-    cpu_before, wall_before = _cpu_s(supervisor), time.monotonic()
+    cpu_before, wall_before = cpu_s(supervisor), time.monotonic()
     time.sleep(2.0)  # what the supervisor costs with the jobs running and nobody asking
-    idle_cpu = (_cpu_s(supervisor) - cpu_before) / (time.monotonic() - wall_before)
-    cpu_before, wall_before = _cpu_s(supervisor), time.monotonic()
+    idle_cpu = (cpu_s(supervisor) - cpu_before) / (time.monotonic() - wall_before)
+    cpu_before, wall_before = cpu_s(supervisor), time.monotonic()
     busy, fewest = _status_latencies(client, sizes.requests)
     busy_wall = time.monotonic() - wall_before
-    busy_cpu_s = _cpu_s(supervisor) - cpu_before
+    busy_cpu_s = cpu_s(supervisor) - cpu_before
     cli = _process_times(_cli_argv(fleet), sizes.processes)
     virsh = _process_times(["virsh", "-c", fleet.libvirtd.qemu_uri, "list"], sizes.processes)
     still = _in_flight(fleet.daemon.status())

@@ -69,7 +69,7 @@ from bench.schedule import (
 from guestwarden.ipc.messages import RunStatus
 from testbed.daemon import wait_for
 from testbed.guestimage import POWEROFF_MARKER
-from testbed.qemuguests import GuestSpec, QemuGuest, boot, qemu_pid
+from testbed.qemuguests import GuestSpec, QemuGuest, boot, process_runs, qemu_pid
 
 SECTION = "makespan"
 SEED = 8
@@ -166,7 +166,7 @@ class OffWatcher:
                         self.reacted[name] = now
                         del self._consoles[name]
             for name, pid in list(self._pids.items()):
-                if not _running(pid):
+                if not process_runs(pid):
                     self.off[name] = now
                     del self._pids[name]
             self._stop.wait(POLL_S)
@@ -174,14 +174,6 @@ class OffWatcher:
     def wait_all(self, timeout_s: float) -> dict[str, float]:
         wait_for(lambda: not self._pids, timeout_s, "every guest's QEMU to end", interval_s=0.05)
         return dict(self.off)
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _tree_cpu_s(process: psutil.Process) -> float:

@@ -61,6 +61,7 @@ from bench.qemufleet import Fleet, qemu_fleet
 from bench.report import Row
 from guestwarden.ipc.messages import RunStatus
 from testbed.qemuguests import GuestSpec
+from testbed.spans import max_overlap
 
 SECTION = "throughput"
 MIB = 1 << 20
@@ -197,15 +198,6 @@ def _save_spans(run: RunStatus) -> list[tuple[int, int]]:
     return [g.spans_ns["save"] for g in run.guests if "save" in g.spans_ns]
 
 
-def _max_overlap(spans: list[tuple[int, int]]) -> int:
-    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    now = peak = 0
-    for _, step in events:
-        now += step
-        peak = max(peak, now)
-    return peak
-
-
 def _covered_s(spans: list[tuple[int, int]]) -> float:
     """Seconds during which at least one save ran (the union of the spans)."""
     covered, end_so_far = 0, None
@@ -291,7 +283,7 @@ def _measure(fleet: Fleet, source: Path, *, bypass_cache: bool, level: int | str
         # per guest: its save (worker's span) and the part of it QEMU spent streaming
         "save_and_stream_s": {name: [round(t, 3), round(migration_s.get(name, 0.0), 3)]
                               for name, t in sorted(save_s.items())},
-        "saves_at_once_max": _max_overlap(spans),
+        "saves_at_once_max": max_overlap(spans),
         # the part of the run in which no save was running: inventory, hand-out, journal
         "no_save_running_s": round(preserve_s - _covered_s(spans), 3),
         "per_save_mb_s": _mb(total / sum(save_s.values())),

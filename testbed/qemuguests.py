@@ -123,8 +123,8 @@ def qemu_pid(run_dir: Path, name: str) -> int | None:
     return pid if comm.startswith("qemu-system") else None
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
+def process_runs(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: PID 1 reaps orphans slowly here)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
@@ -133,7 +133,7 @@ def _alive(pid: int) -> bool:
 
 def _wait_gone(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while _alive(pid):
+    while process_runs(pid):
         if time.monotonic() >= deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

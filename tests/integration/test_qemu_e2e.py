@@ -53,6 +53,7 @@ from testbed.qemuguests import (
     remove,
     wait_ready,
 )
+from testbed.spans import max_overlap
 from tests.conftest import require_libvirtd
 from tests.integration.conftest import DaemonFactory, started_daemons
 
@@ -130,16 +131,6 @@ def line_of(output: str, name: str) -> str:
     """The guest's result line of ``preserve --wait`` or ``restore --wait``."""
     return next(line for line in output.splitlines()
                 if line.startswith(("ok ", "FAIL ")) and f" {name} " in line)
-
-
-def max_overlap(spans: list[tuple[int, int]]) -> int:
-    """Most spans open at the same moment (an end at the same ns as a start first)."""
-    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    open_now = peak = 0
-    for _, step in events:
-        open_now += step
-        peak = max(peak, open_now)
-    return peak
 
 
 def guest_offset_s(dom: Any) -> float:

@@ -18,6 +18,7 @@ import pytest
 
 from testbed.guests import define_guests, remove_all
 from testbed.libvirtd import IsolatedLibvirtd
+from testbed.qemuguests import process_runs
 from tests.conftest import isolated_libvirtd, require_libvirtd, short_tmpdir
 
 pytestmark = pytest.mark.libvirtd
@@ -338,7 +339,7 @@ def test_watchdog_cleans_up_when_the_owner_is_killed() -> None:
         left = pids
         while left and time.monotonic() < deadline:
             time.sleep(0.05)
-            left = [pid for pid in pids if _running(pid)]
+            left = [pid for pid in pids if process_runs(pid)]
         assert left == [], "the watchdog did not stop the orphaned instance"
     finally:
         if owner.poll() is None:
@@ -349,10 +350,3 @@ def test_watchdog_cleans_up_when_the_owner_is_killed() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (PID 1 reaps orphans slowly here)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bench import control, throughput
 from bench.throughput import Measured
+from testbed.spans import max_overlap
 
 
 def measured(level: int | str, nbytes: int, preserve_s: float, dd_rate: float,
@@ -42,8 +43,8 @@ def test_headline_is_the_fastest_level_against_the_median_dd_of_its_mode() -> No
 
 
 def test_max_overlap_counts_saves_running_at_once() -> None:
-    assert throughput._max_overlap([(0, 10), (5, 15), (10, 20), (30, 40)]) == 2
-    assert throughput._max_overlap([(0, 10), (10, 20)]) == 1  # an end before a start
+    assert max_overlap([(0, 10), (5, 15), (10, 20), (30, 40)]) == 2
+    assert max_overlap([(0, 10), (10, 20)]) == 1  # an end before a start
 
 
 def test_covered_is_the_union_of_spans() -> None:
